@@ -1,0 +1,152 @@
+"""The cycle step as plain functions: account for a cycle's evaluations and decide whether to stop.
+
+A cycle is ``propose -> evaluate -> tell -> record -> stop?``; the loop that drives it lives in
+``engine.runner``. Everything here is pure and cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from engine.core.candidate import Candidate
+from engine.core.evaluation import Evaluation, Status
+from engine.core.spec import JobSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a job stands after its last committed cycle."""
+
+    cycles: int = 0
+    evaluations: int = 0
+    failed: int = 0
+    cached: int = 0
+    best_loss: float | None = None
+    best_score: float | None = None
+    best_candidate: dict[str, Any] | None = None
+    best_cycle: int | None = None
+    cycles_without_improvement: int = 0
+    elapsed_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Progress:
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class CycleRecord:
+    """What one cycle did: its counts, its best and the job's best after it."""
+
+    cycle: int
+    evaluations: int
+    failed: int
+    cached: int
+    batch_best_score: float | None
+    best_score: float | None
+    improved: bool
+    duration: float
+    eval_seconds: float
+
+    @property
+    def failure_share(self) -> float:
+        return self.failed / self.evaluations if self.evaluations else 0.0
+
+
+def losses(evaluations: Sequence[Evaluation], maximize: bool) -> list[float | None]:
+    """The values strategies minimise, one per evaluation; None where it failed."""
+    sign = -1.0 if maximize else 1.0
+    return [None if e.score is None or e.status is Status.FAILED else sign * e.score for e in evaluations]
+
+
+def account_cycle(
+    progress: Progress,
+    candidates: Sequence[Candidate],
+    evaluations: Sequence[Evaluation],
+    *,
+    maximize: bool,
+    tolerance: float,
+    duration: float,
+) -> tuple[Progress, CycleRecord]:
+    """Fold one cycle's evaluations into the job's progress."""
+    cycle = progress.cycles + 1
+    cycle_losses = losses(evaluations, maximize)
+    failed = sum(1 for x in cycle_losses if x is None)
+    cached = sum(1 for e in evaluations if e.status is Status.CACHED)
+    best_i = min((i for i, x in enumerate(cycle_losses) if x is not None), key=cycle_losses.__getitem__, default=None)
+    batch_best = None if best_i is None else evaluations[best_i].score
+    improved = best_i is not None and (
+        progress.best_loss is None or cycle_losses[best_i] < progress.best_loss - tolerance  # type: ignore[operator]
+    )
+    new = replace(
+        progress,
+        cycles=cycle,
+        evaluations=progress.evaluations + len(evaluations),
+        failed=progress.failed + failed,
+        cached=progress.cached + cached,
+        cycles_without_improvement=0 if improved else progress.cycles_without_improvement + 1,
+        elapsed_seconds=progress.elapsed_seconds + duration,
+    )
+    # The best moves on any strict improvement, even one within tolerance; patience counts only
+    # improvements beyond tolerance.
+    if best_i is not None and (progress.best_loss is None or cycle_losses[best_i] < progress.best_loss):  # type: ignore[operator]
+        new = replace(
+            new,
+            best_loss=cycle_losses[best_i],
+            best_score=evaluations[best_i].score,
+            best_candidate=dict(candidates[best_i]),
+            best_cycle=cycle,
+        )
+    record = CycleRecord(
+        cycle=cycle,
+        evaluations=len(evaluations),
+        failed=failed,
+        cached=cached,
+        batch_best_score=batch_best,
+        best_score=new.best_score,
+        improved=improved,
+        duration=duration,
+        eval_seconds=sum(e.duration for e in evaluations),
+    )
+    return new, record
+
+
+def stop_reason(spec: JobSpec, progress: Progress, maximize: bool, now: datetime | None = None) -> str | None:
+    """Why the job should stop after its last cycle, or None to go on. The first rule met wins."""
+    if spec.target is not None and progress.best_score is not None:
+        reached = progress.best_score >= spec.target if maximize else progress.best_score <= spec.target
+        if reached:
+            return f"target reached: best score {progress.best_score:.6g} vs target {spec.target:g}"
+    if spec.max_evaluations is not None and progress.evaluations >= spec.max_evaluations:
+        return f"max evaluations reached ({progress.evaluations})"
+    if spec.max_cycles is not None and progress.cycles >= spec.max_cycles:
+        return f"max cycles reached ({progress.cycles})"
+    if spec.patience is not None and progress.cycles_without_improvement >= spec.patience:
+        return f"no improvement beyond {spec.tolerance:g} for {spec.patience} cycles"
+    if spec.max_seconds is not None and progress.elapsed_seconds >= spec.max_seconds:
+        return f"time limit reached ({progress.elapsed_seconds:.1f} s)"
+    if spec.deadline is not None:
+        deadline = spec.deadline if spec.deadline.tzinfo else spec.deadline.replace(tzinfo=timezone.utc)
+        if (now or datetime.now(timezone.utc)) >= deadline:
+            return f"deadline reached ({deadline.isoformat()})"
+    return None
+
+
+def next_batch_size(spec: JobSpec, progress: Progress) -> int:
+    """How many candidates the next cycle proposes: the batch size, trimmed to the evaluation budget."""
+    if spec.max_evaluations is None:
+        return spec.batch_size
+    return max(1, min(spec.batch_size, spec.max_evaluations - progress.evaluations))
+
+
+def too_many_failures(spec: JobSpec, record: CycleRecord) -> bool:
+    """True when the cycle's failure share exceeds what the spec tolerates."""
+    return record.evaluations > 0 and record.failure_share > spec.max_failure_share and not math.isclose(
+        record.failure_share, spec.max_failure_share
+    )

@@ -1,0 +1,6 @@
+"""Evaluation backends behind one interface: Dask (the default) and in-process (for debugging)."""
+
+from engine.execution.base import Executor, ProblemRef, evaluate_shard, split_shards, worker_problem
+from engine.execution.local import InProcessExecutor
+
+__all__ = ["Executor", "InProcessExecutor", "ProblemRef", "evaluate_shard", "split_shards", "worker_problem"]

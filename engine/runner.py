@@ -1,0 +1,278 @@
+"""The refinement loop: ``propose -> evaluate -> record -> stop?`` until a stop rule is met.
+
+The loop is framework-free. Each stage goes through a :class:`StageRunner`, which by default
+just calls it; the Prefect flow passes one that runs each stage as a Prefect task, so the UI shows
+every cycle's DAG without the engine knowing about Prefect.
+
+Cycle commits are pipelined: cycle N is written to the store by a background thread while cycle
+N+1 evaluates, with at most one commit in flight. A crash therefore loses at most the cycles not
+yet committed, and resume replays them deterministically from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from engine.core import (
+    Candidate,
+    CycleRecord,
+    Evaluation,
+    JobFailedError,
+    JobSpec,
+    Progress,
+    Space,
+    SpecError,
+    Strategy,
+    account_cycle,
+    losses,
+    next_batch_size,
+    problem_direction,
+    stop_reason,
+)
+from engine.core.cycle import too_many_failures
+from engine.execution import Executor, ProblemRef
+from engine.problems import load_problem, problem_space
+from engine.store import JobRecord, JobStatus, JobStore
+from engine.strategies import make_strategy, restore_strategy
+
+log = logging.getLogger("engine.runner")
+T = TypeVar("T")
+
+
+class StageRunner(Protocol):
+    """Runs one stage of a cycle: ``run(stage_name, cycle, fn, *args)`` returns ``fn(*args)``."""
+
+    def __call__(self, stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T: ...
+
+
+def call_stage(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
+    """The plain stage runner: call the stage in this thread."""
+    return fn(*args)
+
+
+class CycleListener(Protocol):
+    """Told about a job's progress; called in the loop's thread, so it must be quick."""
+
+    def __call__(self, job: Job, record: CycleRecord) -> None: ...
+
+
+@dataclass
+class Job:
+    """A job being run: its spec, its problem and strategy, and where it stands."""
+
+    job_id: str
+    spec: JobSpec
+    problem: Any
+    space: Space
+    strategy: Strategy
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def maximize(self) -> bool:
+        return problem_direction(self.problem) == "maximize"
+
+    @property
+    def ref(self) -> ProblemRef:
+        return ProblemRef(self.spec.problem, dict(self.spec.problem_params))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How a job ended."""
+
+    job_id: str
+    status: JobStatus
+    progress: Progress
+    stop_reason: str | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "status": self.status.value,
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+            **self.progress.to_dict(),
+        }
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def build_job(job_id: str, spec: JobSpec) -> Job:
+    """Load the problem and make a fresh strategy; raises SpecError on bad input (nothing written)."""
+    problem = load_problem(spec.problem, dict(spec.problem_params))
+    space = problem_space(problem)
+    strategy = make_strategy(spec.strategy, space, spec.seed, dict(spec.strategy_params))
+    return Job(job_id, spec, problem, space, strategy)
+
+
+def create_job(store: JobStore, spec: JobSpec, job_id: str | None = None) -> Job:
+    """Validate everything first, then record the new job (so bad input writes nothing)."""
+    job = build_job(job_id or new_job_id(), spec)
+    store.create_job(job.job_id, spec)
+    return job
+
+
+def resume_job(store: JobStore, job_id: str) -> Job:
+    """Rebuild a job from its last committed checkpoint."""
+    record = store.get_job(job_id)
+    if record.status is JobStatus.COMPLETED:
+        raise SpecError(f"job {job_id!r} already completed ({record.stop_reason}): nothing to resume")
+    job = build_job(job_id, record.spec)
+    checkpoint = store.last_checkpoint(job_id)
+    if checkpoint is not None:
+        job.strategy = restore_strategy(record.spec.strategy, job.space, checkpoint.state["strategy"])
+        job.progress = Progress.from_dict(checkpoint.state["progress"])
+    return job
+
+
+class CycleCommitter:
+    """Writes cycles to the store on a background thread, one commit in flight at most."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="cycle-committer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    item()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the loop's thread by check()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, commit: Callable[[], None]) -> None:
+        self.check()
+        self._queue.put(commit)
+
+    def commit_cycle(
+        self,
+        job: Job,
+        cycle: CycleRecord,
+        candidates: Sequence[Candidate],
+        evaluations: Sequence[Evaluation],
+        state: dict[str, Any],
+    ) -> None:
+        """Queue the commit of one cycle; the job's progress is captured now."""
+        store, job_id, progress = self._store, job.job_id, job.progress
+        self.submit(lambda: store.commit_cycle(job_id, cycle, progress, candidates, evaluations, state))
+
+    def flush(self) -> None:
+        """Wait until every submitted commit is written; raise the first commit error."""
+        self._queue.join()
+        self.check()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def propose(job: Job, n: int) -> list[Candidate]:
+    """Stage 1: ask the strategy for ``n`` candidates."""
+    return job.strategy.ask(n)
+
+
+def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> list[Evaluation]:
+    """Stage 2: evaluate the candidates on the executor (Dask fan-out happens in there)."""
+    return executor.evaluate(job.ref, candidates, job.spec.shard_size)
+
+
+def record(
+    job: Job,
+    committer: CycleCommitter,
+    candidates: Sequence[Candidate],
+    evaluations: Sequence[Evaluation],
+    cycle_seconds: float,
+) -> CycleRecord:
+    """Stage 3: tell the strategy, fold the cycle into the progress, and queue its commit."""
+    maximize = job.maximize
+    job.strategy.tell(candidates, losses(evaluations, maximize))
+    job.progress, cycle = account_cycle(
+        job.progress,
+        candidates,
+        evaluations,
+        maximize=maximize,
+        tolerance=job.spec.tolerance,
+        duration=cycle_seconds,
+    )
+    state = {"strategy": job.strategy.state(), "progress": job.progress.to_dict()}
+    committer.commit_cycle(job, cycle, candidates, evaluations, state)
+    return cycle
+
+
+def run_job(
+    job: Job,
+    store: JobStore,
+    executor: Executor,
+    *,
+    stages: StageRunner = call_stage,
+    listeners: Sequence[CycleListener] = (),
+) -> JobResult:
+    """Run ``job`` to a stop rule; record the outcome in the store and return it.
+
+    Raises :class:`JobFailedError` (after recording it) when a cycle fails more than the spec
+    allows; ``KeyboardInterrupt`` marks the job interrupted, resumable from its last checkpoint.
+    """
+    committer = CycleCommitter(store)
+    store.set_status(job.job_id, JobStatus.RUNNING)
+    try:
+        reason = stop_reason(job.spec, job.progress, job.maximize)
+        while reason is None:
+            cycle_no = job.progress.cycles + 1
+            started = time.perf_counter()
+            n = next_batch_size(job.spec, job.progress)
+            candidates = stages("propose", cycle_no, propose, job, n)
+            evaluations = stages("evaluate", cycle_no, evaluate, job, executor, candidates)
+            cycle = stages("record", cycle_no, record, job, committer, candidates, evaluations,
+                           time.perf_counter() - started)  # fmt: skip
+            for listener in listeners:
+                listener(job, cycle)
+            if too_many_failures(job.spec, cycle):
+                committer.flush()
+                error = (
+                    f"cycle {cycle.cycle}: {cycle.failed} of {cycle.evaluations} evaluations failed, more "
+                    f"than max_failure_share={job.spec.max_failure_share:g}"
+                )
+                store.set_status(job.job_id, JobStatus.FAILED, error=error)
+                raise JobFailedError(error)
+            reason = stop_reason(job.spec, job.progress, job.maximize)
+        committer.flush()
+        store.set_status(job.job_id, JobStatus.COMPLETED, stop_reason=reason)
+        return JobResult(job.job_id, JobStatus.COMPLETED, job.progress, reason)
+    except KeyboardInterrupt:
+        _flush_quietly(committer)
+        store.set_status(job.job_id, JobStatus.INTERRUPTED, error="interrupted")
+        raise
+    except JobFailedError:
+        raise
+    except BaseException as exc:
+        _flush_quietly(committer)
+        store.set_status(job.job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    finally:
+        committer.close()
+
+
+def _flush_quietly(committer: CycleCommitter) -> None:
+    try:
+        committer.flush()
+    except Exception:  # the original error matters more; the commit error is logged
+        log.exception("could not write the last cycle")

@@ -1,0 +1,31 @@
+"""Settings read from the environment (prefix ``IRE_``); read when asked for, never at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the engine keeps its data and which services it talks to."""
+
+    model_config = SettingsConfigDict(env_prefix="IRE_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".irefine", description="data folder")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in IRE_HOME")
+    database_replica_url: str | None = Field(None, description="read replica for lag-tolerant reads")
+    dask_address: str | None = Field(None, description="existing Dask scheduler; default: a LocalCluster")
+    dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: CPU count")
+    redis_url: str | None = Field(None, description="inference cache; default: the embedded cache")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'irefine.db'}"
+
+
+def load_settings() -> Settings:
+    return Settings()

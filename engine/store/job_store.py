@@ -1,0 +1,612 @@
+"""The job store: jobs, their committed cycles and evaluations, and the latest checkpoint of each.
+
+:class:`JobStore` talks SQL through SQLAlchemy Core; it hands out frozen values
+(:class:`JobRecord`, :class:`StoredCycle`, :class:`StoredEvaluation`, :class:`Checkpoint`), never
+ORM rows. A cycle is committed in one transaction (:meth:`JobStore.commit_cycle`): its evaluations,
+its cycle row, the checkpoint and the job summary are all written, or none of them.
+
+SQLite runs in WAL mode so that ``irefine status`` in another process reads while a job writes;
+PostgreSQL is reached through psycopg 3 (``postgresql+psycopg://``). Lag-tolerant reads go to the
+replica when one is configured; reads that resume a job always go to the primary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import ValidationError
+from sqlalchemy import Connection, Engine, Row, create_engine, delete, event, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlmodel import SQLModel
+
+from engine.core.candidate import Candidate, canonical_json
+from engine.core.cycle import CycleRecord, Progress
+from engine.core.errors import EngineError, JobExistsError, JobNotFoundError, SpecError, TransientError
+from engine.core.evaluation import Evaluation, Status
+from engine.core.spec import JobSpec
+from engine.store.tables import CHECKPOINTS, CYCLES, EVALUATIONS, JOBS, STORE_TABLES
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
+
+__all__ = [
+    "Checkpoint",
+    "JobRecord",
+    "JobStatus",
+    "JobStore",
+    "StoreError",
+    "StoreUnavailableError",
+    "StoredCycle",
+    "StoredEvaluation",
+]
+
+_JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+_MAX_JOB_ID = 200
+_SQLITE_BUSY_MS = 30_000
+# Serialises CREATE TABLE across processes starting against a fresh PostgreSQL database.
+_PG_SCHEMA_LOCK = 0x1EF1_0001
+
+
+class StoreError(EngineError):
+    """The database refused or failed an operation; the message says which, in one line."""
+
+
+class StoreUnavailableError(StoreError, TransientError):
+    """The database could not be reached or was busy; worth retrying."""
+
+
+class JobStatus(str, Enum):
+    """Where a job is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as stored: its spec, status and the summary of its committed cycles."""
+
+    job_id: str
+    spec: JobSpec
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    heartbeat_at: datetime | None
+    cycles: int
+    evaluations: int
+    failed_evaluations: int
+    cached_evaluations: int
+    best_score: float | None
+    best_candidate: dict[str, Any] | None
+    stop_reason: str | None
+    error: str | None
+    flow_run_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The latest checkpoint of a job: the state to resume from after ``cycle``."""
+
+    job_id: str
+    cycle: int
+    state: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCycle(CycleRecord):
+    """A committed :class:`~engine.core.CycleRecord`, with when it finished and its metrics."""
+
+    finished_at: datetime
+    metrics: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvaluation:
+    """One stored evaluation; ``position`` is the candidate's index within its cycle."""
+
+    cycle: int
+    position: int
+    fingerprint: str
+    params: dict[str, Any]
+    score: float | None
+    status: Status
+    error: str | None
+    duration: float
+    metrics: dict[str, Any]
+
+    @property
+    def candidate(self) -> Candidate:
+        """The evaluated candidate."""
+        return Candidate(self.params)
+
+    @property
+    def evaluation(self) -> Evaluation:
+        """The evaluation as the engine produced it."""
+        return Evaluation(self.score, self.status, dict(self.metrics), self.error, self.duration)
+
+
+class JobStore:
+    """Jobs, cycles, evaluations and checkpoints in SQLite or PostgreSQL.
+
+    ``url`` is the primary (all writes, and reads that resume a job); ``replica_url``, if given,
+    serves lag-tolerant reads. Creates the tables if missing. Thread-safe; close with :meth:`close`.
+    """
+
+    def __init__(self, url: str, replica_url: str | None = None) -> None:
+        self._primary = _make_engine(url, "IRE_DATABASE_URL")
+        try:
+            self._replica = _make_engine(replica_url, "IRE_DATABASE_REPLICA_URL") if replica_url else None
+            self._create_tables()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobStore:
+        """The store the settings name (``IRE_DATABASE_URL``, ``IRE_DATABASE_REPLICA_URL``)."""
+        return cls(settings.resolved_database_url(), settings.database_replica_url)
+
+    @property
+    def url(self) -> str:
+        """The primary URL, password hidden."""
+        return self._primary.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        """Close every pooled connection; the store must not be used afterwards."""
+        for name in ("_primary", "_replica"):
+            engine = getattr(self, name, None)
+            if engine is not None:
+                engine.dispose()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, spec: JobSpec) -> JobRecord:
+        """Record a new pending job; raise :class:`JobExistsError` if the id is taken."""
+        if not job_id or len(job_id) > _MAX_JOB_ID or job_id != job_id.strip():
+            raise SpecError(f"job id {job_id!r}: use 1 to {_MAX_JOB_ID} characters, no surrounding spaces")
+        now = _now()
+        values: dict[str, Any] = {
+            "id": job_id,
+            "spec": spec.model_dump_json(),
+            "status": JobStatus.PENDING.value,
+            "created_at": now,
+            "updated_at": now,
+            "heartbeat_at": None,
+            "cycles": 0,
+            "evaluations": 0,
+            "failed_evaluations": 0,
+            "cached_evaluations": 0,
+            "best_score": None,
+            "best_candidate": None,
+            "stop_reason": None,
+            "error": None,
+            "flow_run_id": None,
+        }
+        with self._errors(f"cannot create job {job_id!r}"):
+            try:
+                with self._primary.begin() as conn:
+                    conn.execute(insert(JOBS), values)
+            except IntegrityError:
+                raise JobExistsError(
+                    f"job {job_id!r} already exists: choose another --job-id or resume it"
+                ) from None
+        return JobRecord(
+            job_id=job_id,
+            spec=spec,
+            status=JobStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            heartbeat_at=None,
+            cycles=0,
+            evaluations=0,
+            failed_evaluations=0,
+            cached_evaluations=0,
+            best_score=None,
+            best_candidate=None,
+            stop_reason=None,
+            error=None,
+            flow_run_id=None,
+        )
+
+    def get_job(self, job_id: str, *, fresh: bool = False) -> JobRecord:
+        """The job ``job_id``, from the replica unless ``fresh``; raise :class:`JobNotFoundError`."""
+        with self._errors(f"cannot read job {job_id!r}"), self._reader(fresh).connect() as conn:
+            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).one_or_none()
+        if row is None:
+            raise _not_found(job_id)
+        return _job_record(row)
+
+    def list_jobs(self, limit: int = 50, *, fresh: bool = False) -> list[JobRecord]:
+        """Up to ``limit`` jobs, newest first, from the replica unless ``fresh``."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        stmt = select(JOBS).order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc()).limit(limit)
+        with self._errors("cannot list jobs"), self._reader(fresh).connect() as conn:
+            rows = conn.execute(stmt).all()
+        return [_job_record(row) for row in rows]
+
+    def set_status(
+        self,
+        job_id: str,
+        status: JobStatus | str,
+        *,
+        stop_reason: str | None = None,
+        error: str | None = None,
+        flow_run_id: str | None = None,
+    ) -> None:
+        """Set a job's status. ``None`` leaves a field as it is, except that moving to running
+        clears the stop reason and error of an earlier run."""
+        status = JobStatus(status)
+        now = _now()
+        values: dict[str, Any] = {"status": status.value, "updated_at": now}
+        if status is JobStatus.RUNNING:
+            values.update(stop_reason=None, error=None, heartbeat_at=now)
+        if stop_reason is not None:
+            values["stop_reason"] = stop_reason
+        if error is not None:
+            values["error"] = error
+        if flow_run_id is not None:
+            values["flow_run_id"] = flow_run_id
+        self._update_job(job_id, values, f"cannot set the status of job {job_id!r}")
+
+    def heartbeat(self, job_id: str) -> None:
+        """Record that the job's runner is alive."""
+        self._update_job(job_id, {"heartbeat_at": _now()}, f"cannot record a heartbeat of job {job_id!r}")
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete the job and everything stored for it; raise :class:`JobNotFoundError` if absent."""
+        with self._errors(f"cannot delete job {job_id!r}"), self._primary.begin() as conn:
+            for table in (EVALUATIONS, CYCLES, CHECKPOINTS):
+                conn.execute(delete(table).where(table.c.job_id == job_id))
+            if conn.execute(delete(JOBS).where(JOBS.c.id == job_id)).rowcount == 0:
+                raise _not_found(job_id)
+
+    # -- cycles ---------------------------------------------------------------------------------
+
+    def commit_cycle(
+        self,
+        job_id: str,
+        record: CycleRecord,
+        progress: Progress,
+        candidates: Sequence[Candidate],
+        evaluations: Sequence[Evaluation],
+        checkpoint_state: dict[str, Any],
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        """Write one cycle in one transaction: its evaluations, its cycle row, the checkpoint to
+        resume from and the job summary (from ``progress``). All of it is written or none.
+
+        Raise :class:`StoreError` if the cycle is already committed, :class:`JobNotFoundError` if
+        the job does not exist.
+        """
+        if len(candidates) != len(evaluations):
+            raise ValueError(f"{len(candidates)} candidates but {len(evaluations)} evaluations")
+        cycle = record.cycle
+        # Serialise everything before the transaction opens, so that it holds its locks briefly.
+        rows = _evaluation_rows(job_id, cycle, candidates, evaluations)
+        state_json = _dumps(checkpoint_state, "checkpoint state")
+        metrics_json = None if metrics is None else _dumps(metrics, "cycle metrics")
+        best_json = (
+            None if progress.best_candidate is None else _dumps(progress.best_candidate, "best candidate")
+        )
+        now = _now()
+        summary = {
+            "cycles": progress.cycles,
+            "evaluations": progress.evaluations,
+            "failed_evaluations": progress.failed,
+            "cached_evaluations": progress.cached,
+            "best_score": progress.best_score,
+            "best_candidate": best_json,
+            "updated_at": now,
+            "heartbeat_at": now,
+        }
+        cycle_row = {
+            "job_id": job_id,
+            "cycle": cycle,
+            "finished_at": now,
+            "duration": record.duration,
+            "evaluations": record.evaluations,
+            "failed": record.failed,
+            "cached": record.cached,
+            "batch_best_score": record.batch_best_score,
+            "best_score": record.best_score,
+            "improved": record.improved,
+            "eval_seconds": record.eval_seconds,
+            "metrics": metrics_json,
+        }
+        with self._errors(f"cannot commit cycle {cycle} of job {job_id!r}"), self._primary.begin() as conn:
+            # The summary first: it fails fast on a missing job and, on PostgreSQL, locks the job
+            # row so that two writers of one job queue up instead of interleaving.
+            if conn.execute(update(JOBS).where(JOBS.c.id == job_id), summary).rowcount == 0:
+                raise _not_found(job_id)
+            try:
+                conn.execute(insert(CYCLES), cycle_row)
+            except IntegrityError:
+                raise StoreError(f"cycle {cycle} of job {job_id!r} is already committed") from None
+            self._insert_evaluations(conn, rows)
+            self._upsert_checkpoint(conn, job_id, cycle, state_json, now)
+
+    def last_checkpoint(self, job_id: str) -> Checkpoint | None:
+        """The job's latest checkpoint, read from the primary; ``None`` before its first cycle."""
+        stmt = select(CHECKPOINTS).where(CHECKPOINTS.c.job_id == job_id)
+        with self._errors(f"cannot read the checkpoint of job {job_id!r}"), self._primary.connect() as conn:
+            row = conn.execute(stmt).one_or_none()
+        if row is None:
+            return None
+        return Checkpoint(job_id, row.cycle, orjson.loads(row.state), _utc(row.created_at))
+
+    def cycles(self, job_id: str, *, fresh: bool = False) -> list[StoredCycle]:
+        """The job's committed cycles in order ([] for an unknown job), from the replica unless ``fresh``."""
+        stmt = select(CYCLES).where(CYCLES.c.job_id == job_id).order_by(CYCLES.c.cycle)
+        with self._errors(f"cannot read the cycles of job {job_id!r}"), self._reader(fresh).connect() as conn:
+            rows = conn.execute(stmt).all()
+        return [
+            StoredCycle(
+                cycle=r.cycle,
+                evaluations=r.evaluations,
+                failed=r.failed,
+                cached=r.cached,
+                batch_best_score=r.batch_best_score,
+                best_score=r.best_score,
+                improved=bool(r.improved),
+                duration=r.duration,
+                eval_seconds=r.eval_seconds,
+                finished_at=_utc(r.finished_at),
+                metrics=None if r.metrics is None else orjson.loads(r.metrics),
+            )
+            for r in rows
+        ]
+
+    def evaluations(
+        self, job_id: str, cycle: int | None = None, *, fresh: bool = False
+    ) -> list[StoredEvaluation]:
+        """The job's evaluations (of one cycle, or all) in commit order, from the replica unless ``fresh``."""
+        t = EVALUATIONS
+        stmt = select(
+            t.c.cycle, t.c.position, t.c.fingerprint, t.c.params, t.c.score, t.c.status, t.c.error,
+            t.c.duration, t.c.metrics,
+        ).where(t.c.job_id == job_id)  # fmt: skip
+        if cycle is not None:
+            stmt = stmt.where(t.c.cycle == cycle)
+        stmt = stmt.order_by(t.c.cycle, t.c.position)
+        loads = orjson.loads
+        with (
+            self._errors(f"cannot read the evaluations of job {job_id!r}"),
+            self._reader(fresh).connect() as conn,
+        ):
+            rows = conn.execute(stmt).all()
+        return [
+            StoredEvaluation(
+                cycle=c, position=p, fingerprint=f, params=loads(params), score=score, status=Status(status),
+                error=error, duration=duration, metrics={} if metrics is None else loads(metrics),
+            )
+            for c, p, f, params, score, status, error, duration, metrics in rows
+        ]  # fmt: skip
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _reader(self, fresh: bool) -> Engine:
+        return self._primary if fresh or self._replica is None else self._replica
+
+    def _create_tables(self) -> None:
+        with self._errors(f"IRE_DATABASE_URL {self.url!r}: cannot create the tables"):
+            with self._primary.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
+                SQLModel.metadata.create_all(conn, tables=list(STORE_TABLES))
+
+    def _update_job(self, job_id: str, values: dict[str, Any], what: str) -> None:
+        with self._errors(what), self._primary.begin() as conn:
+            if conn.execute(update(JOBS).where(JOBS.c.id == job_id), values).rowcount == 0:
+                raise _not_found(job_id)
+
+    def _insert_evaluations(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            conn.execute(insert(EVALUATIONS), rows)  # one executemany
+
+    def _upsert_checkpoint(
+        self, conn: Connection, job_id: str, cycle: int, state: str, now: datetime
+    ) -> None:
+        values = {"job_id": job_id, "cycle": cycle, "state": state, "created_at": now}
+        if conn.dialect.name == "postgresql":
+            pg = postgresql.insert(CHECKPOINTS).values(values)
+            conn.execute(pg.on_conflict_do_update(index_elements=[CHECKPOINTS.c.job_id], set_=values))
+        else:
+            lite = sqlite.insert(CHECKPOINTS).values(values)
+            conn.execute(lite.on_conflict_do_update(index_elements=[CHECKPOINTS.c.job_id], set_=values))
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Turn database exceptions into one-line :class:`StoreError` s prefixed with ``what``."""
+        try:
+            yield
+        except EngineError:
+            raise
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailableError(f"{what}: {_db_message(exc)}") from exc
+        except DBAPIError as exc:
+            cls = StoreUnavailableError if exc.connection_invalidated else StoreError
+            raise cls(f"{what}: {_db_message(exc)}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{what}: {_first_line(str(exc))}") from exc
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _evaluation_rows(
+    job_id: str, cycle: int, candidates: Sequence[Candidate], evaluations: Sequence[Evaluation]
+) -> list[dict[str, Any]]:
+    # The hot path of a commit: canonical JSON once per candidate, hashed as engine.core.fingerprint
+    # hashes it, so that the stored fingerprint equals fingerprint(candidate).
+    blake2b = hashlib.blake2b
+    dumps = orjson.dumps
+    rows = []
+    for position, (candidate, ev) in enumerate(zip(candidates, evaluations, strict=True)):
+        raw = canonical_json(candidate)
+        rows.append(
+            {
+                "job_id": job_id,
+                "cycle": cycle,
+                "position": position,
+                "fingerprint": blake2b(raw, digest_size=16).hexdigest(),
+                "params": raw.decode(),
+                "score": ev.score,
+                "status": ev.status.value,
+                "error": ev.error,
+                "duration": ev.duration,
+                "metrics": dumps(ev.metrics, option=_JSON_OPTS).decode() if ev.metrics else None,
+            }
+        )
+    return rows
+
+
+def _make_engine(url: str, label: str) -> Engine:
+    """An engine for ``url``; raise :class:`SpecError` naming ``label`` if the URL is unusable."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise SpecError(f"{label} {_redact(url)!r}: {_first_line(str(exc))}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    kwargs: dict[str, Any] = {}
+    if backend in ("postgresql", "postgres"):
+        if "+" not in parsed.drivername:
+            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg2 is not a dependency
+        elif driver != "psycopg":
+            raise SpecError(
+                f"{label} {shown!r}: driver {driver!r} is not supported; use postgresql+psycopg://"
+            )
+        kwargs["pool_pre_ping"] = True
+        if "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": 10}
+    elif backend == "sqlite":
+        if driver != "pysqlite":
+            raise SpecError(f"{label} {shown!r}: driver {driver!r} is not supported; use sqlite:///PATH")
+        _check_sqlite_path(parsed, label, shown)
+        kwargs["connect_args"] = {"timeout": _SQLITE_BUSY_MS / 1000}
+    else:
+        raise SpecError(
+            f"{label} {shown!r}: unsupported database {backend!r}; use sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST/DB"
+        )
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError, TypeError) as exc:
+        raise SpecError(f"{label} {shown!r}: {_first_line(str(exc))}") from None
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _check_sqlite_path(url: URL, label: str, shown: str) -> None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    folder = Path(database).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise SpecError(f"{label} {shown!r}: folder {str(folder)!r} does not exist")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL: readers in other processes never block the writer nor wait for it; NORMAL: WAL
+    # commits do not fsync (a power cut may lose the last commits, never corrupt the file).
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cur.close()
+
+
+def _job_record(row: Row[Any]) -> JobRecord:
+    try:
+        spec = JobSpec.model_validate_json(row.spec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        raise StoreError(
+            f"job {row.id!r} has a stored spec this version cannot read: {where}: {err['msg']}"
+        ) from None
+    return JobRecord(
+        job_id=row.id,
+        spec=spec,
+        status=JobStatus(row.status),
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+        heartbeat_at=None if row.heartbeat_at is None else _utc(row.heartbeat_at),
+        cycles=row.cycles,
+        evaluations=row.evaluations,
+        failed_evaluations=row.failed_evaluations,
+        cached_evaluations=row.cached_evaluations,
+        best_score=row.best_score,
+        best_candidate=None if row.best_candidate is None else orjson.loads(row.best_candidate),
+        stop_reason=row.stop_reason,
+        error=row.error,
+        flow_run_id=row.flow_run_id,
+    )
+
+
+def _not_found(job_id: str) -> JobNotFoundError:
+    return JobNotFoundError(f"no job {job_id!r}: run `irefine list` to see job ids")
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return orjson.dumps(value, option=_JSON_OPTS).decode()
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones in the session zone.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+
+
+def _db_message(exc: DBAPIError) -> str:
+    return _first_line(str(exc.orig) if exc.orig is not None else str(exc))
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

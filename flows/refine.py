@@ -1,0 +1,124 @@
+"""The ``refine`` flow: one Prefect flow run per job, each cycle's stages as Prefect tasks.
+
+The per-candidate fan-out happens on Dask futures inside the ``evaluate`` task, never as one
+Prefect task per candidate (DESIGN.md section 4: that costs 177-367 ms a candidate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, Literal, TypeVar
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.runtime import flow_run
+from prefect.tasks import Task, exponential_backoff
+from prefect.utilities.annotations import quote
+
+from engine.core import JobSpec, SpecError, TransientError
+from engine.execution import Executor, InProcessExecutor
+from engine.runner import CycleListener, create_job, resume_job, run_job
+from engine.settings import load_settings
+from engine.store import JobStatus, JobStore
+
+T = TypeVar("T")
+
+_listeners: ContextVar[Sequence[CycleListener]] = ContextVar("irefine_cycle_listeners", default=())
+
+
+@contextlib.contextmanager
+def cycle_listeners(*listeners: CycleListener) -> Iterator[None]:
+    """Have flow runs started in this context call ``listeners`` after every cycle (CLI progress)."""
+    token = _listeners.set(listeners)
+    try:
+        yield
+    finally:
+        _listeners.reset(token)
+
+
+def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry only infrastructure errors (a lost worker or connection), never a user's mistake."""
+    try:
+        state.result(raise_on_failure=True)
+    except TransientError:
+        return True
+    except Exception:  # noqa: BLE001 - any other error is final
+        return False
+    return False
+
+
+def _run_stage(stage: str, cycle: int, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    return fn(*args)
+
+
+_STAGE_OPTIONS: dict[str, Any] = {
+    "cache_policy": NO_CACHE,  # inputs are live objects and large batches: never hash them
+    "persist_result": False,
+    "task_run_name": "{stage}-{cycle}",
+}
+_stage_tasks: dict[str, Task[..., Any]] = {
+    "propose": task(name="propose", **_STAGE_OPTIONS)(_run_stage),
+    "evaluate": task(
+        name="evaluate",
+        retries=3,
+        retry_delay_seconds=exponential_backoff(backoff_factor=1),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=retry_transient,
+        **_STAGE_OPTIONS,
+    )(_run_stage),
+    "record": task(name="record", **_STAGE_OPTIONS)(_run_stage),
+}
+
+
+def prefect_stage(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run one cycle stage as a tracked Prefect task (arguments quoted: Prefect must not walk them)."""
+    return _stage_tasks[stage](stage, cycle, fn, quote(args))  # type: ignore[no-any-return]
+
+
+def open_executor(kind: Literal["dask", "local"], dask_address: str | None) -> Executor:
+    """The executor for a flow run: one Dask client for the whole run, or in-process."""
+    if kind == "local":
+        return InProcessExecutor()
+    from engine.execution.dask import DaskExecutor
+
+    settings = load_settings()
+    return DaskExecutor.start(dask_address or settings.dask_address, settings.dask_workers)
+
+
+@flow(name="refine", persist_result=False, validate_parameters=True)
+def refine(
+    spec: JobSpec | None = None,
+    job_id: str | None = None,
+    executor: Literal["dask", "local"] = "dask",
+    dask_address: str | None = None,
+) -> dict[str, Any]:
+    """Run a refinement job to its stop rule.
+
+    Give ``spec`` to start a new job (with an optional ``job_id``), or only ``job_id`` to run a
+    pending job or resume an interrupted or crashed one from its last checkpoint.
+    """
+    logger = get_run_logger()
+    store = JobStore.from_settings(load_settings())
+    try:
+        if spec is not None:
+            job = create_job(store, spec, job_id)
+        elif job_id is not None:
+            job = resume_job(store, job_id)
+        else:
+            raise SpecError("give a job spec to start a job, or a job_id to resume one")
+        store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=str(flow_run.get_id() or "") or None)
+        logger.info("job %s: %s with %s, from cycle %d", job.job_id, job.spec.problem, job.spec.strategy,
+                    job.progress.cycles + 1)  # fmt: skip
+        runner = open_executor(executor, dask_address)
+        try:
+            result = run_job(job, store, runner, stages=prefect_stage, listeners=_listeners.get())
+        finally:
+            runner.close()
+        logger.info("job %s %s: %s; best %s", job.job_id, result.status.value, result.stop_reason,
+                    result.progress.best_score)  # fmt: skip
+        return result.to_dict()
+    finally:
+        store.close()

@@ -1,0 +1,3 @@
+from irefine.cli import main
+
+main()

@@ -1,0 +1,378 @@
+"""``irefine``: run, resume and inspect refinement jobs from the shell.
+
+Exit codes: 0 done, 1 job failed, 2 bad input (nothing written), 130 interrupted (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+SPEC_FLAGS = {
+    "batch_size": int,
+    "max_evaluations": int,
+    "max_cycles": int,
+    "target": float,
+    "patience": int,
+    "tolerance": float,
+    "max_seconds": float,
+    "seed": int,
+    "max_failure_share": float,
+    "shard_size": int,
+}
+
+
+class BadInput(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def _quiet_prefect() -> None:
+    # Keep Prefect's INFO chatter in the run logs (API) but off the user's terminal.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    # Modules given as module:attr resolve from the working directory, as with `python -m`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"{flag} {pair!r}: write it as KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_spec_file(path: str) -> dict[str, Any]:
+    """Read a TOML job spec; a malformed file is a BadInput naming the file and the problem."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise BadInput(f"spec file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"spec file {path!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise BadInput(f"spec file {path!r}: {exc.strerror}") from None
+
+
+def build_spec(args: argparse.Namespace) -> Any:
+    """Merge the spec file (if any) with the flags (flags win) and validate."""
+    from engine.core import JobSpec, SpecError
+
+    data: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
+    if args.problem:
+        data["problem"] = args.problem
+    if args.strategy:
+        data["strategy"] = args.strategy
+    for flag, value in (("problem_params", args.problem_param), ("strategy_params", args.strategy_param)):
+        extra = _key_values(value, "--" + flag.replace("_params", "-param"))
+        if extra:
+            data[flag] = {**data.get(flag, {}), **extra}
+    for name in SPEC_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            data[name] = value
+    if "problem" not in data:
+        raise BadInput("no problem given: pass --problem NAME (see `irefine problems`) or a spec file")
+    try:
+        return JobSpec.parse(data)
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _open_store() -> Any:
+    from engine.core import SpecError
+    from engine.settings import load_settings
+    from engine.store import JobStore
+
+    try:
+        return JobStore.from_settings(load_settings())
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
+
+
+class ProgressView:
+    """A live progress bar: cycle, evaluations, best score and evaluations per second."""
+
+    def __init__(self, spec: Any, job_id: str, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=False)
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.done_before = 0
+        self.bar = Progress(
+            TextColumn("[bold]{task.fields[job]}"),
+            BarColumn(),
+            TextColumn("cycle {task.fields[cycle]}"),
+            TextColumn("evals {task.completed:.0f}"),
+            TextColumn("best {task.fields[best]}"),
+            TextColumn("{task.fields[rate]} evals/s"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.bar.add_task("job", total=spec.max_evaluations, job=job_id, cycle=0, best="-", rate="-")
+
+    def __enter__(self) -> ProgressView:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, job: Any, record: Any) -> None:
+        p = job.progress
+        if not self.done_before and p.cycles == record.cycle and p.evaluations > record.evaluations:
+            self.done_before = p.evaluations - record.evaluations  # resumed: count only this run
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = (p.evaluations - self.done_before) / elapsed
+        self.bar.update(self.task, completed=p.evaluations, cycle=p.cycles, best=_fmt(p.best_score), rate=f"{rate:,.0f}")
+
+
+def _summary(console: Any, result: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]job {result['job_id']}[/bold] {result['status']}: {result.get('stop_reason') or result.get('error')}\n"
+        f"  cycles {result['cycles']}, evaluations {result['evaluations']} "
+        f"({result['failed']} failed, {result['cached']} cached)\n"
+        f"  best score {_fmt(result['best_score'])} at cycle {result.get('best_cycle')}\n"
+        f"  best candidate {json.dumps(result['best_candidate'])}"
+    )
+
+
+def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
+    """Run the job's flow in this process with a progress bar; map the outcome to an exit code."""
+    from engine.core import JobFailedError
+
+    view = ProgressView(spec, job_id, enabled=not args.quiet)
+    try:
+        from flows.refine import cycle_listeners, refine
+
+        with view, cycle_listeners(view):
+            result = refine(job_id=job_id, executor=args.executor, dask_address=args.dask_address)
+    except KeyboardInterrupt:
+        view.console.print(f"interrupted: resume with `irefine resume {job_id}`")
+        return EXIT_INTERRUPTED
+    except JobFailedError as exc:
+        view.console.print(f"[red]job {job_id} failed:[/red] {exc}")
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - the flow failed; say why in one line
+        view.console.print(f"[red]job {job_id} failed:[/red] {type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    if not args.quiet:
+        _summary(view.console, result)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.core import SpecError
+    from engine.runner import create_job
+
+    spec = build_spec(args)
+    store = _open_store()
+    try:
+        job = create_job(store, spec, args.job_id)
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
+    finally:
+        store.close()
+    if not args.quiet:
+        print(f"job {job.job_id}: {spec.problem} with {spec.strategy}, batch {spec.batch_size}")
+    return _run_flow(job.job_id, spec, args)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine.core import SpecError
+    from engine.runner import resume_job
+
+    store = _open_store()
+    try:
+        job = resume_job(store, args.job_id)  # validates before Prefect starts
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
+    finally:
+        store.close()
+    if not args.quiet:
+        print(f"job {job.job_id}: resuming at cycle {job.progress.cycles + 1}")
+    return _run_flow(job.job_id, job.spec, args)
+
+
+def job_summary(record: Any) -> dict[str, Any]:
+    """The status of a job as one JSON-able dict (the `status --json` contract)."""
+    return {
+        "job_id": record.job_id,
+        "status": record.status.value,
+        "cycles": record.cycles,
+        "evaluations": record.evaluations,
+        "failed_evaluations": record.failed_evaluations,
+        "cached_evaluations": record.cached_evaluations,
+        "best_score": record.best_score,
+        "best_candidate": record.best_candidate,
+        "stop_reason": record.stop_reason,
+        "error": record.error,
+        "created_at": record.created_at.isoformat(),
+        "updated_at": record.updated_at.isoformat(),
+        "problem": record.spec.problem,
+        "strategy": record.spec.strategy,
+        "spec": record.spec.model_dump(mode="json"),
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from engine.core import SpecError
+
+    store = _open_store()
+    try:
+        record = store.get_job(args.job_id)
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
+    finally:
+        store.close()
+    summary = job_summary(record)
+    if args.json:
+        print(json.dumps(summary))
+        return EXIT_OK
+    for key in ("job_id", "status", "problem", "strategy", "cycles", "evaluations", "failed_evaluations",
+                "best_score", "best_candidate", "stop_reason", "error", "updated_at"):  # fmt: skip
+        if summary[key] is not None:
+            print(f"{key:>18}: {summary[key]}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = _open_store()
+    try:
+        jobs = store.list_jobs(args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([job_summary(j) for j in jobs]))
+        return EXIT_OK
+    if not jobs:
+        print("no jobs yet: start one with `irefine run --problem sphere`")
+    for j in jobs:
+        print(f"{j.job_id:<28} {j.status.value:<12} {j.spec.problem:<18} {j.spec.strategy:<8} "
+              f"cycles {j.cycles:<5} evals {j.evaluations:<7} best {_fmt(j.best_score)}")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_problems(args: argparse.Namespace) -> int:
+    from engine.problems import PROBLEMS
+
+    for name, text in PROBLEMS.items():
+        print(f"{name:<18} {text}")
+    print("\nor your own: --problem my_module:MyProblem (see the README)")
+    return EXIT_OK
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from engine.strategies import STRATEGIES
+
+    for name, text in STRATEGIES.items():
+        print(f"{name:<8} {text}")
+    return EXIT_OK
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["dask", "local"], default="dask",
+                   help="where evaluations run: a Dask cluster (default) or this process (debugging)")  # fmt: skip
+    p.add_argument("--dask-address", help="existing Dask scheduler (default: IRE_DASK_ADDRESS or a LocalCluster)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="irefine",
+        description="Run refinement loops (propose, evaluate, keep the best, repeat) on Prefect and Dask.",
+        epilog="Exit codes: 0 done, 1 job failed, 2 bad input, 130 interrupted (resume it).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start a job and run it to its stop rule",
+                         description="Start a job; flags override the values of the spec file.")  # fmt: skip
+    run.add_argument("spec", nargs="?", help="TOML job spec (keys as the flags, e.g. problem = 'sphere')")
+    run.add_argument("--problem", help="built-in problem name (see `irefine problems`) or module:attr")
+    run.add_argument("--problem-param", action="append", metavar="K=V", help="problem parameter (repeatable)")
+    run.add_argument("--strategy", help="search strategy (see `irefine strategies`; default cmaes)")
+    run.add_argument("--strategy-param", action="append", metavar="K=V", help="strategy parameter (repeatable)")
+    run.add_argument("--batch-size", type=int, help="candidates per cycle (default 16)")
+    run.add_argument("--max-evaluations", type=int, help="stop after this many evaluations (default 1000)")
+    run.add_argument("--max-cycles", type=int, help="stop after this many cycles")
+    run.add_argument("--target", type=float, help="stop once the best score reaches this")
+    run.add_argument("--patience", type=int, help="stop after this many cycles without improvement")
+    run.add_argument("--tolerance", type=float, help="smallest improvement that resets patience (default 0)")
+    run.add_argument("--max-seconds", type=float, help="stop after this much run time")
+    run.add_argument("--seed", type=int, help="random seed (default 0); same seed, same result")
+    run.add_argument("--max-failure-share", type=float, help="fail the job when a cycle fails more (default 0.5)")
+    run.add_argument("--shard-size", type=int, help="candidates per Dask task (default: one shard per worker)")
+    run.add_argument("--job-id", help="id for the new job (default: a fresh one)")
+    _add_run_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted or crashed job from its last checkpoint")
+    resume.add_argument("job_id")
+    _add_run_flags(resume)
+    resume.set_defaults(func=cmd_resume)
+
+    status = sub.add_parser("status", help="show a job's status")
+    status.add_argument("job_id")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=cmd_status)
+
+    lst = sub.add_parser("list", help="list jobs, newest first")
+    lst.add_argument("--limit", type=int, default=50)
+    lst.add_argument("--json", action="store_true", help="print a JSON array")
+    lst.set_defaults(func=cmd_list)
+
+    sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
+    sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)
+    return parser
+
+
+def _silence_shutdown() -> None:
+    # Prefect's ephemeral server prints CancelledError tracebacks while it shuts down at exit
+    # (DESIGN.md section 10). The job's outcome is printed and stored by now; drop that noise.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    _quiet_prefect()
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    code = EXIT_OK
+    try:
+        code = args.func(args)
+    except BadInput as exc:
+        print(f"irefine: error: {exc}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    if "prefect" in sys.modules:
+        _silence_shutdown()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
