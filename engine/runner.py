@@ -39,7 +39,7 @@ from engine.core import (
 from engine.core.cycle import too_many_failures
 from engine.execution import Executor, ProblemRef
 from engine.problems import load_problem, problem_space
-from engine.store import JobRecord, JobStatus, JobStore
+from engine.store import JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
 
 log = logging.getLogger("engine.runner")
@@ -150,7 +150,7 @@ class CycleCommitter:
             try:
                 if self._error is None:
                     item()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the loop's thread by check()
+            except BaseException as exc:
                 self._error = exc
             finally:
                 self._queue.task_done()
@@ -241,8 +241,16 @@ def run_job(
             n = next_batch_size(job.spec, job.progress)
             candidates = stages("propose", cycle_no, propose, job, n)
             evaluations = stages("evaluate", cycle_no, evaluate, job, executor, candidates)
-            cycle = stages("record", cycle_no, record, job, committer, candidates, evaluations,
-                           time.perf_counter() - started)  # fmt: skip
+            cycle = stages(
+                "record",
+                cycle_no,
+                record,
+                job,
+                committer,
+                candidates,
+                evaluations,
+                time.perf_counter() - started,
+            )
             for listener in listeners:
                 listener(job, cycle)
             if too_many_failures(job.spec, cycle):

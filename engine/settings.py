@@ -28,4 +28,4 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    return Settings()
+    return Settings()  # type: ignore[call-arg]  # fields come from the environment

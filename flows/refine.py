@@ -45,7 +45,7 @@ def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
         state.result(raise_on_failure=True)
     except TransientError:
         return True
-    except Exception:  # noqa: BLE001 - any other error is final
+    except Exception:
         return False
     return False
 
@@ -110,15 +110,25 @@ def refine(
         else:
             raise SpecError("give a job spec to start a job, or a job_id to resume one")
         store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=str(flow_run.get_id() or "") or None)
-        logger.info("job %s: %s with %s, from cycle %d", job.job_id, job.spec.problem, job.spec.strategy,
-                    job.progress.cycles + 1)  # fmt: skip
+        logger.info(
+            "job %s: %s with %s, from cycle %d",
+            job.job_id,
+            job.spec.problem,
+            job.spec.strategy,
+            job.progress.cycles + 1,
+        )
         runner = open_executor(executor, dask_address)
         try:
             result = run_job(job, store, runner, stages=prefect_stage, listeners=_listeners.get())
         finally:
             runner.close()
-        logger.info("job %s %s: %s; best %s", job.job_id, result.status.value, result.stop_reason,
-                    result.progress.best_score)  # fmt: skip
+        logger.info(
+            "job %s %s: %s; best %s",
+            job.job_id,
+            result.status.value,
+            result.stop_reason,
+            result.progress.best_score,
+        )
         return result.to_dict()
     finally:
         store.close()

@@ -12,7 +12,6 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -131,7 +130,9 @@ class ProgressView:
             disable=not enabled,
             transient=False,
         )
-        self.task = self.bar.add_task("job", total=spec.max_evaluations, job=job_id, cycle=0, best="-", rate="-")
+        self.task = self.bar.add_task(
+            "job", total=spec.max_evaluations, job=job_id, cycle=0, best="-", rate="-"
+        )
 
     def __enter__(self) -> ProgressView:
         self.bar.__enter__()
@@ -146,12 +147,15 @@ class ProgressView:
             self.done_before = p.evaluations - record.evaluations  # resumed: count only this run
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = (p.evaluations - self.done_before) / elapsed
-        self.bar.update(self.task, completed=p.evaluations, cycle=p.cycles, best=_fmt(p.best_score), rate=f"{rate:,.0f}")
+        self.bar.update(
+            self.task, completed=p.evaluations, cycle=p.cycles, best=_fmt(p.best_score), rate=f"{rate:,.0f}"
+        )
 
 
 def _summary(console: Any, result: dict[str, Any]) -> None:
     console.print(
-        f"[bold]job {result['job_id']}[/bold] {result['status']}: {result.get('stop_reason') or result.get('error')}\n"
+        f"[bold]job {result['job_id']}[/bold] {result['status']}: "
+        f"{result.get('stop_reason') or result.get('error')}\n"
         f"  cycles {result['cycles']}, evaluations {result['evaluations']} "
         f"({result['failed']} failed, {result['cached']} cached)\n"
         f"  best score {_fmt(result['best_score'])} at cycle {result.get('best_cycle')}\n"
@@ -175,7 +179,7 @@ def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
     except JobFailedError as exc:
         view.console.print(f"[red]job {job_id} failed:[/red] {exc}")
         return EXIT_FAILED
-    except Exception as exc:  # noqa: BLE001 - the flow failed; say why in one line
+    except Exception as exc:
         view.console.print(f"[red]job {job_id} failed:[/red] {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     if not args.quiet:
@@ -251,8 +255,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return EXIT_OK
-    for key in ("job_id", "status", "problem", "strategy", "cycles", "evaluations", "failed_evaluations",
-                "best_score", "best_candidate", "stop_reason", "error", "updated_at"):  # fmt: skip
+    for key in (
+        "job_id",
+        "status",
+        "problem",
+        "strategy",
+        "cycles",
+        "evaluations",
+        "failed_evaluations",
+        "best_score",
+        "best_candidate",
+        "stop_reason",
+        "error",
+        "updated_at",
+    ):
         if summary[key] is not None:
             print(f"{key:>18}: {summary[key]}")
     return EXIT_OK
@@ -270,8 +286,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not jobs:
         print("no jobs yet: start one with `irefine run --problem sphere`")
     for j in jobs:
-        print(f"{j.job_id:<28} {j.status.value:<12} {j.spec.problem:<18} {j.spec.strategy:<8} "
-              f"cycles {j.cycles:<5} evals {j.evaluations:<7} best {_fmt(j.best_score)}")  # fmt: skip
+        print(
+            f"{j.job_id:<28} {j.status.value:<12} {j.spec.problem:<18} {j.spec.strategy:<8} "
+            f"cycles {j.cycles:<5} evals {j.evaluations:<7} best {_fmt(j.best_score)}"
+        )
     return EXIT_OK
 
 
@@ -293,9 +311,15 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executor", choices=["dask", "local"], default="dask",
-                   help="where evaluations run: a Dask cluster (default) or this process (debugging)")  # fmt: skip
-    p.add_argument("--dask-address", help="existing Dask scheduler (default: IRE_DASK_ADDRESS or a LocalCluster)")
+    p.add_argument(
+        "--executor",
+        choices=["dask", "local"],
+        default="dask",
+        help="where evaluations run: a Dask cluster (default) or this process (debugging)",
+    )
+    p.add_argument(
+        "--dask-address", help="existing Dask scheduler (default: IRE_DASK_ADDRESS or a LocalCluster)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -307,13 +331,18 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="start a job and run it to its stop rule",
-                         description="Start a job; flags override the values of the spec file.")  # fmt: skip
+    run = sub.add_parser(
+        "run",
+        help="start a job and run it to its stop rule",
+        description="Start a job; flags override the values of the spec file.",
+    )
     run.add_argument("spec", nargs="?", help="TOML job spec (keys as the flags, e.g. problem = 'sphere')")
     run.add_argument("--problem", help="built-in problem name (see `irefine problems`) or module:attr")
     run.add_argument("--problem-param", action="append", metavar="K=V", help="problem parameter (repeatable)")
     run.add_argument("--strategy", help="search strategy (see `irefine strategies`; default cmaes)")
-    run.add_argument("--strategy-param", action="append", metavar="K=V", help="strategy parameter (repeatable)")
+    run.add_argument(
+        "--strategy-param", action="append", metavar="K=V", help="strategy parameter (repeatable)"
+    )
     run.add_argument("--batch-size", type=int, help="candidates per cycle (default 16)")
     run.add_argument("--max-evaluations", type=int, help="stop after this many evaluations (default 1000)")
     run.add_argument("--max-cycles", type=int, help="stop after this many cycles")
@@ -322,8 +351,12 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--tolerance", type=float, help="smallest improvement that resets patience (default 0)")
     run.add_argument("--max-seconds", type=float, help="stop after this much run time")
     run.add_argument("--seed", type=int, help="random seed (default 0); same seed, same result")
-    run.add_argument("--max-failure-share", type=float, help="fail the job when a cycle fails more (default 0.5)")
-    run.add_argument("--shard-size", type=int, help="candidates per Dask task (default: one shard per worker)")
+    run.add_argument(
+        "--max-failure-share", type=float, help="fail the job when a cycle fails more (default 0.5)"
+    )
+    run.add_argument(
+        "--shard-size", type=int, help="candidates per Dask task (default: one shard per worker)"
+    )
     run.add_argument("--job-id", help="id for the new job (default: a fresh one)")
     _add_run_flags(run)
     run.set_defaults(func=cmd_run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import math
 import pickle
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -175,23 +175,31 @@ def spec(**kw) -> JobSpec:
 
 def test_account_cycle_tracks_best_and_patience() -> None:
     cands = [Candidate({"x": float(i)}) for i in range(3)]
-    p, rec = account_cycle(Progress(), cands, [Evaluation(3.0), Evaluation.failed("e"), Evaluation(2.0)],
-                           maximize=False, tolerance=0.1, duration=1.0)  # fmt: skip
+    p, rec = account_cycle(
+        Progress(),
+        cands,
+        [Evaluation(3.0), Evaluation.failed("e"), Evaluation(2.0)],
+        maximize=False,
+        tolerance=0.1,
+        duration=1.0,
+    )
     assert (p.cycles, p.evaluations, p.failed, p.best_score, p.best_candidate) == (1, 3, 1, 2.0, {"x": 2.0})
     assert rec.improved and rec.failed == 1 and rec.batch_best_score == 2.0
     # An improvement within tolerance moves the best but counts against patience.
     p, rec = account_cycle(p, cands[:1], [Evaluation(1.95)], maximize=False, tolerance=0.1, duration=1.0)
     assert p.best_score == 1.95 and not rec.improved and p.cycles_without_improvement == 1
-    p, rec = account_cycle(p, cands[:1], [Evaluation(1.0, status=Status.CACHED)], maximize=False,
-                           tolerance=0.1, duration=1.0)  # fmt: skip
+    p, rec = account_cycle(
+        p, cands[:1], [Evaluation(1.0, status=Status.CACHED)], maximize=False, tolerance=0.1, duration=1.0
+    )
     assert rec.improved and p.cycles_without_improvement == 0 and p.cached == 1
     assert Progress.from_dict(p.to_dict()) == p
 
 
 def test_account_cycle_maximize() -> None:
     cands = [Candidate({"x": 0.0}), Candidate({"x": 1.0})]
-    p, _ = account_cycle(Progress(), cands, [Evaluation(0.7), Evaluation(0.9)], maximize=True, tolerance=0,
-                         duration=0)  # fmt: skip
+    p, _ = account_cycle(
+        Progress(), cands, [Evaluation(0.7), Evaluation(0.9)], maximize=True, tolerance=0, duration=0
+    )
     assert p.best_score == 0.9 and p.best_candidate == {"x": 1.0}
 
 
@@ -206,7 +214,7 @@ def test_stop_rules_in_order() -> None:
     assert "no improvement" in stop_reason(spec(patience=3), p, False)
     assert stop_reason(spec(patience=4), p, False) is None
     assert "time limit" in stop_reason(spec(max_seconds=8), p, False)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert "deadline" in stop_reason(spec(deadline=now - timedelta(seconds=1)), p, False)
     assert stop_reason(spec(deadline=now + timedelta(hours=1)), p, False) is None
 
@@ -219,10 +227,22 @@ def test_batch_trimmed_to_budget() -> None:
 
 def test_failure_share_bound() -> None:
     s = spec(max_failure_share=0.5)
-    _, half = account_cycle(Progress(), [Candidate({"x": 0.0})] * 2, [Evaluation(1.0), Evaluation.failed("e")],
-                            maximize=False, tolerance=0, duration=0)  # fmt: skip
-    _, most = account_cycle(Progress(), [Candidate({"x": 0.0})] * 2, [Evaluation.failed("e")] * 2,
-                            maximize=False, tolerance=0, duration=0)  # fmt: skip
+    _, half = account_cycle(
+        Progress(),
+        [Candidate({"x": 0.0})] * 2,
+        [Evaluation(1.0), Evaluation.failed("e")],
+        maximize=False,
+        tolerance=0,
+        duration=0,
+    )
+    _, most = account_cycle(
+        Progress(),
+        [Candidate({"x": 0.0})] * 2,
+        [Evaluation.failed("e")] * 2,
+        maximize=False,
+        tolerance=0,
+        duration=0,
+    )
     assert not too_many_failures(s, half)
     assert too_many_failures(s, most)
 

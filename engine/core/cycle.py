@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from engine.core.candidate import Candidate
@@ -79,7 +79,8 @@ def account_cycle(
     cycle_losses = losses(evaluations, maximize)
     failed = sum(1 for x in cycle_losses if x is None)
     cached = sum(1 for e in evaluations if e.status is Status.CACHED)
-    best_i = min((i for i, x in enumerate(cycle_losses) if x is not None), key=cycle_losses.__getitem__, default=None)
+    scored = [(x, i) for i, x in enumerate(cycle_losses) if x is not None]
+    best_i = min(scored)[1] if scored else None
     batch_best = None if best_i is None else evaluations[best_i].score
     improved = best_i is not None and (
         progress.best_loss is None or cycle_losses[best_i] < progress.best_loss - tolerance  # type: ignore[operator]
@@ -132,8 +133,8 @@ def stop_reason(spec: JobSpec, progress: Progress, maximize: bool, now: datetime
     if spec.max_seconds is not None and progress.elapsed_seconds >= spec.max_seconds:
         return f"time limit reached ({progress.elapsed_seconds:.1f} s)"
     if spec.deadline is not None:
-        deadline = spec.deadline if spec.deadline.tzinfo else spec.deadline.replace(tzinfo=timezone.utc)
-        if (now or datetime.now(timezone.utc)) >= deadline:
+        deadline = spec.deadline if spec.deadline.tzinfo else spec.deadline.replace(tzinfo=UTC)
+        if (now or datetime.now(UTC)) >= deadline:
             return f"deadline reached ({deadline.isoformat()})"
     return None
 
@@ -147,6 +148,8 @@ def next_batch_size(spec: JobSpec, progress: Progress) -> int:
 
 def too_many_failures(spec: JobSpec, record: CycleRecord) -> bool:
     """True when the cycle's failure share exceeds what the spec tolerates."""
-    return record.evaluations > 0 and record.failure_share > spec.max_failure_share and not math.isclose(
-        record.failure_share, spec.max_failure_share
+    return (
+        record.evaluations > 0
+        and record.failure_share > spec.max_failure_share
+        and not math.isclose(record.failure_share, spec.max_failure_share)
     )

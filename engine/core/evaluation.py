@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """How an evaluation ended."""
 
     OK = "ok"
@@ -48,14 +48,16 @@ class Evaluation:
             score, metrics = ev.score, dict(ev.metrics)
         else:
             score, metrics = result, {}
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            try:
-                score = float(score)  # numpy scalars, 0-d arrays
-            except (TypeError, ValueError):
-                return cls.failed(f"evaluate returned {type(result).__name__}, expected a number", duration)
-        score = float(score)
+        try:
+            if isinstance(score, (bool, str)) or score is None:
+                raise TypeError
+            score = float(score)  # also numpy scalars and 0-d arrays
+        except (TypeError, ValueError):
+            return cls.failed(f"evaluate returned {type(result).__name__}, expected a number", duration)
         if not math.isfinite(score):
-            return cls(None, Status.FAILED, metrics, f"evaluate returned a non-finite score ({score})", duration)
+            return cls(
+                None, Status.FAILED, metrics, f"evaluate returned a non-finite score ({score})", duration
+            )
         return cls(score, Status.OK, metrics, None, duration)
 
 

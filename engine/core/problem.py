@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from engine.core.errors import SpecError
 from engine.core.evaluation import Evaluation
 from engine.core.space import Dimension
 
@@ -37,8 +38,6 @@ def problem_version(problem: Any) -> str:
 
 def problem_direction(problem: Any) -> Direction:
     direction = getattr(problem, "direction", "minimize")
-    if direction not in ("minimize", "maximize"):
-        from engine.core.errors import SpecError
-
-        raise SpecError(f"problem direction {direction!r}: use 'minimize' or 'maximize'")
-    return direction  # type: ignore[no-any-return]
+    if direction == "minimize" or direction == "maximize":
+        return "minimize" if direction == "minimize" else "maximize"
+    raise SpecError(f"problem direction {direction!r}: use 'minimize' or 'maximize'")

@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from engine.core.candidate import Candidate
 from engine.core.errors import SpecError
 
-Value = Union[float, int, str, bool, None]
+Value = float | int | str | bool | None
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Float:
         return (float(value) - self.low) / (self.high - self.low)
 
     def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+        )
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ class Choice:
         return any(value == o and type(value) is type(o) for o in self.options)
 
 
-Dimension = Union[Float, Int, Choice]
+Dimension = Float | Int | Choice
 
 
 class Space(Mapping[str, Dimension]):
@@ -162,13 +164,19 @@ class Space(Mapping[str, Dimension]):
             # Fast path for purely linear real spaces: one vectorised affine map.
             lows = np.array([d.low for d in dims])  # type: ignore[union-attr]
             spans = np.array([d.high - d.low for d in dims])  # type: ignore[union-attr]
-            return [Candidate(zip(names, row)) for row in (lows + rows * spans).tolist()]
-        return [Candidate(zip(names, (d.from_unit(u) for d, u in zip(dims, row)))) for row in rows.tolist()]
+            return [Candidate(zip(names, row, strict=True)) for row in (lows + rows * spans).tolist()]
+        return [
+            Candidate(zip(names, (d.from_unit(u) for d, u in zip(dims, row, strict=True)), strict=True))
+            for row in rows.tolist()
+        ]
 
     def encode(self, candidates: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Turn candidates into an ``(n, d)`` array of unit-cube points (inverse of :meth:`decode`)."""
         dims = [self._dims[n] for n in self._names]
-        return np.array([[d.to_unit(c[n]) for n, d in zip(self._names, dims)] for c in candidates], dtype=float)
+        return np.array(
+            [[d.to_unit(c[n]) for n, d in zip(self._names, dims, strict=True)] for c in candidates],
+            dtype=float,
+        )
 
     def validate(self, candidate: Mapping[str, Any]) -> None:
         """Raise :class:`SpecError` unless ``candidate`` names every parameter with a value in range."""

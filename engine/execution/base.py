@@ -71,7 +71,7 @@ def evaluate_shard(ref: ProblemRef, candidates: Sequence[Candidate]) -> list[Eva
         start = time.perf_counter()
         try:
             results = batch(candidates)
-        except Exception:  # noqa: BLE001 - fall back to one-by-one so one bad candidate fails alone
+        except Exception:
             results = None
         if results is not None and len(results) == len(candidates):
             each = (time.perf_counter() - start) / len(candidates)
@@ -83,7 +83,7 @@ def evaluate_shard(ref: ProblemRef, candidates: Sequence[Candidate]) -> list[Eva
         start = clock()
         try:
             result = evaluate(candidate)
-        except Exception as exc:  # noqa: BLE001 - a user evaluator's error fails that evaluation only
+        except Exception as exc:
             out.append(Evaluation.failed(_error_text(exc), clock() - start))
             continue
         out.append(Evaluation.from_result(result, clock() - start))

@@ -31,7 +31,9 @@ class DaskExecutor:
         self._retries = retries
 
     @classmethod
-    def start(cls, address: str | None = None, n_workers: int | None = None, **cluster_kwargs: Any) -> DaskExecutor:
+    def start(
+        cls, address: str | None = None, n_workers: int | None = None, **cluster_kwargs: Any
+    ) -> DaskExecutor:
         """Connect to ``address``, or start a process ``LocalCluster`` sized to this machine."""
         if address:
             return cls(Client(address, set_as_default=False))
@@ -48,8 +50,8 @@ class DaskExecutor:
 
     @property
     def workers(self) -> int:
-        threads = sum(self.client.nthreads().values())
-        return max(1, threads)
+        threads: dict[str, int] = self.client.nthreads()
+        return max(1, sum(threads.values()))
 
     def shard_count(self, n: int, shard_size: int | None) -> int:
         if shard_size:
@@ -63,10 +65,12 @@ class DaskExecutor:
         if not candidates:
             return []
         shards = split_shards(candidates, self.shard_count(len(candidates), shard_size))
-        futures = self.client.map(evaluate_shard, [ref] * len(shards), shards, pure=False, retries=self._retries)
+        futures = self.client.map(
+            evaluate_shard, [ref] * len(shards), shards, pure=False, retries=self._retries
+        )
         try:
             results = self.client.gather(futures)
-        except Exception as exc:  # noqa: BLE001 - evaluate_shard catches user errors; this is the cluster
+        except Exception as exc:
             raise TransientError(f"Dask lost the cycle's evaluations: {type(exc).__name__}: {exc}") from exc
         return [e for shard in results for e in shard]
 

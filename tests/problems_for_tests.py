@@ -1,0 +1,51 @@
+"""Small user problems used by the tests (importable on Dask workers as tests.problems_for_tests)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from engine import Choice, Evaluation, Float, Int
+
+
+class Flaky:
+    """Fails (raises, NaN or inf) for a deterministic share of candidates; otherwise x**2 + n."""
+
+    space = {"x": Float(-1, 1), "n": Int(0, 3), "mode": Choice(["a", "b"])}
+    version = "1"
+
+    def __init__(self, fail_every: int = 4) -> None:
+        self.fail_every = fail_every
+
+    def evaluate(self, candidate: Any) -> float | Evaluation:
+        bucket = int(abs(candidate["x"]) * 1000) % self.fail_every if self.fail_every else 1
+        if bucket == 0:
+            raise ValueError("boom")
+        if bucket == 1 and self.fail_every > 2:
+            return math.nan
+        return Evaluation(candidate["x"] ** 2 + candidate["n"], metrics={"mode": candidate["mode"]})
+
+
+class Slow:
+    """x**2 after sleeping ``ms`` milliseconds: long enough to kill a process mid-cycle."""
+
+    space = {"x": Float(-2, 2), "y": Float(-2, 2)}
+
+    def __init__(self, ms: float = 50.0) -> None:
+        self.ms = ms
+
+    def evaluate(self, candidate: Any) -> float:
+        time.sleep(self.ms / 1000)
+        return (candidate["x"] - 0.3) ** 2 + (candidate["y"] + 0.1) ** 2
+
+
+class WorkerPid:
+    """Returns the worker's process id as a metric (to see where evaluations ran)."""
+
+    space = {"x": Float(0, 1)}
+
+    def evaluate(self, candidate: Any) -> Evaluation:
+        time.sleep(0.02)
+        return Evaluation(candidate["x"], metrics={"pid": os.getpid()})

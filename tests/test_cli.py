@@ -1,0 +1,253 @@
+"""The irefine CLI as a user runs it: subprocesses, real store, real Prefect server, real Dask."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IREFINE = [sys.executable, "-m", "irefine"]
+
+
+def irefine(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*IREFINE, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def job_rows(env: dict[str, str]) -> list[tuple]:
+    db = Path(env["IRE_HOME"]) / "irefine.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select id, status, cycles, evaluations from jobs order by id").fetchall()
+
+
+# -- help and listings (fast, no Prefect) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["resume"], ["status"], ["list"], ["problems"], ["strategies"]]
+)
+def test_every_command_has_help(command: list[str], ire_env) -> None:
+    out = irefine(*command, "--help", env=ire_env)
+    assert out.returncode == 0 and "usage: irefine" in out.stdout
+
+
+def test_problems_and_strategies_are_listed(ire_env) -> None:
+    problems = irefine("problems", env=ire_env).stdout
+    for name in ("sphere", "rosenbrock", "rastrigin", "ackley", "gradient_boosting", "random_forest", "svc"):
+        assert name in problems
+    strategies = irefine("strategies", env=ire_env).stdout
+    for name in ("random", "cmaes", "tpe"):
+        assert name in strategies
+    assert "no jobs yet" in irefine("list", env=ire_env).stdout
+
+
+# -- bad input: one line, exit 2, nothing written ---------------------------------------------------
+
+BAD_INPUTS = [
+    (["run", "--problem", "nosuch"], "unknown problem"),
+    (["run", "--problem", "sphere", "--strategy", "nosuch"], "unknown strategy"),
+    (["run", "--problem", "sphere", "--problem-param", "dim=abc"], "dim"),
+    (["run", "--problem", "sphere", "--problem-param", "dim=0"], "dim"),
+    (["run", "--problem", "sphere", "--problem-param", "nodim=3"], "nodim"),
+    (["run", "--problem", "sphere", "--problem-param", "dim"], "KEY=VALUE"),
+    (["run", "--problem", "sphere", "--strategy-param", "sigma0=abc"], "sigma0"),
+    (["run", "--problem", "sphere", "--batch-size", "0"], "batch_size"),
+    (["run", "--problem", "sphere", "--max-failure-share", "2"], "max_failure_share"),
+    (["run", "--problem", "nosuchmodule:Thing"], "nosuchmodule"),
+    (["run"], "no problem given"),
+    (["run", "missing.toml"], "does not exist"),
+    (["resume", "nosuchjob"], "no job 'nosuchjob'"),
+    (["status", "nosuchjob"], "no job 'nosuchjob'"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD_INPUTS, ids=[" ".join(a) or "empty" for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args: list[str], needle: str, ire_env) -> None:
+    before = job_rows(ire_env)
+    out = irefine(*args, env=ire_env, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert job_rows(ire_env) == before
+
+
+def test_malformed_spec_file(tmp_path: Path, ire_env) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("problem = 'sphere'\nbatch_size = = 3\n")
+    out = irefine("run", str(bad), env=ire_env)
+    assert (
+        out.returncode == 2 and "not valid TOML" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    )
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("problem = 'sphere'\nbatch_sise = 3\n")
+    out = irefine("run", str(wrong), env=ire_env)
+    assert out.returncode == 2 and "batch_sise" in out.stderr
+
+
+# -- real runs through Prefect and Dask --------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_status_list_and_duplicate_id(tmp_path: Path, prefect_api, ire_env) -> None:
+    spec = tmp_path / "job.toml"
+    spec.write_text(
+        "problem = 'rosenbrock'\nstrategy = 'cmaes'\nbatch_size = 12\nmax_evaluations = 600\n"
+        "[problem_params]\ndim = 3\n"
+    )
+    out = irefine("run", str(spec), "--seed", "5", "--job-id", "cli-1", env=ire_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "completed" in out.stdout and "best score" in out.stdout and "max evaluations" in out.stdout
+    assert "Traceback" not in out.stdout + out.stderr and "CancelledError" not in out.stdout + out.stderr
+
+    status = json.loads(irefine("status", "cli-1", "--json", env=ire_env).stdout)
+    for key in (
+        "job_id",
+        "status",
+        "cycles",
+        "evaluations",
+        "failed_evaluations",
+        "best_score",
+        "best_candidate",
+        "stop_reason",
+    ):
+        assert key in status
+    assert status["status"] == "completed" and status["evaluations"] == 600 and status["cycles"] == 50
+    assert set(status["best_candidate"]) == {"x0", "x1", "x2"}
+    assert status["spec"]["seed"] == 5  # the flag overrode the file's default
+
+    assert "cli-1" in irefine("list", env=ire_env).stdout
+    before = job_rows(ire_env)
+    dup = irefine("run", "--problem", "sphere", "--job-id", "cli-1", env=ire_env)
+    assert dup.returncode == 2 and "already exists" in dup.stderr and job_rows(ire_env) == before
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_failing_job_exits_1(prefect_api, ire_env) -> None:
+    out = irefine(
+        "run",
+        "--problem",
+        "tests.problems_for_tests:Flaky",
+        "--problem-param",
+        "fail_every=1",
+        "--strategy",
+        "random",
+        "--batch-size",
+        "8",
+        "--job-id",
+        "cli-fail",
+        "--executor",
+        "local",
+        env=ire_env,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "max_failure_share" in out.stdout
+    status = json.loads(irefine("status", "cli-fail", "--json", env=ire_env).stdout)
+    assert status["status"] == "failed" and status["failed_evaluations"] == 8
+
+
+def _wait_for_cycles(
+    env: dict[str, str], job_id: str, cycles: int, proc: subprocess.Popen, limit: float
+) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        rows = {r[0]: r for r in job_rows(env)}
+        if job_id in rows and rows[job_id][2] >= cycles:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach cycle {cycles} in {limit} s")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env) -> None:
+    args = [
+        "--problem",
+        "tests.problems_for_tests:Slow",
+        "--problem-param",
+        "ms=20",
+        "--strategy",
+        "cmaes",
+        "--batch-size",
+        "8",
+        "--max-evaluations",
+        "160",
+        "--seed",
+        "11",
+    ]
+    full = irefine("run", *args, "--job-id", "whole", env=ire_env)
+    assert full.returncode == 0, full.stdout + full.stderr
+
+    proc = subprocess.Popen(
+        [*IREFINE, "run", *args, "--job-id", "killed"],
+        env=ire_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_cycles(ire_env, "killed", 5, proc, limit=180)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers, no clean-up
+        proc.communicate()
+    rows = {r[0]: r for r in job_rows(ire_env)}
+    assert rows["killed"][1] == "running" and 5 <= rows["killed"][2] < 20
+
+    resumed = irefine("resume", "killed", env=ire_env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    whole = json.loads(irefine("status", "whole", "--json", env=ire_env).stdout)
+    killed = json.loads(irefine("status", "killed", "--json", env=ire_env).stdout)
+    assert killed["status"] == "completed"
+    assert killed["evaluations"] == whole["evaluations"] == 160
+    assert killed["best_score"] == whole["best_score"]
+    assert killed["best_candidate"] == whole["best_candidate"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_the_job_resumes(prefect_api, ire_env) -> None:
+    proc = subprocess.Popen(
+        [
+            *IREFINE,
+            "run",
+            "--problem",
+            "tests.problems_for_tests:Slow",
+            "--strategy",
+            "random",
+            "--batch-size",
+            "4",
+            "--max-evaluations",
+            "400",
+            "--job-id",
+            "ctrlc",
+            "--executor",
+            "local",
+        ],
+        env=ire_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_cycles(ire_env, "ctrlc", 2, proc, limit=180)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "irefine resume ctrlc" in out
+    status = json.loads(irefine("status", "ctrlc", "--json", env=ire_env).stdout)
+    assert status["status"] == "interrupted"
