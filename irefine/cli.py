@@ -38,7 +38,9 @@ def _quiet_prefect() -> None:
     # Keep Prefect's INFO chatter in the run logs (API) but off the user's terminal.
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    if not os.environ.get("PREFECT_API_URL"):
+        # The ephemeral API server logs cancelled work as errors when it stops at exit.
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
     # Modules given as module:attr resolve from the working directory, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -116,8 +118,7 @@ class ProgressView:
 
         self.console = Console(stderr=False)
         self.enabled = enabled
-        self.started = time.perf_counter()
-        self.done_before = 0
+        self.first: tuple[float, int] | None = None
         self.bar = Progress(
             TextColumn("[bold]{task.fields[job]}"),
             BarColumn(),
@@ -143,10 +144,12 @@ class ProgressView:
 
     def __call__(self, job: Any, record: Any) -> None:
         p = job.progress
-        if not self.done_before and p.cycles == record.cycle and p.evaluations > record.evaluations:
-            self.done_before = p.evaluations - record.evaluations  # resumed: count only this run
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        rate = (p.evaluations - self.done_before) / elapsed
+        now = time.perf_counter()
+        if self.first is None:
+            # Rate from the end of the first cycle on: start-up (Prefect, Dask) is not throughput.
+            self.first = (now - record.duration, p.evaluations - record.evaluations)
+        t0, done0 = self.first
+        rate = (p.evaluations - done0) / max(now - t0, 1e-9)
         self.bar.update(
             self.task, completed=p.evaluations, cycle=p.cycles, best=_fmt(p.best_score), rate=f"{rate:,.0f}"
         )
