@@ -1,0 +1,36 @@
+"""The inference cache: evaluations of candidates keyed by problem, version and fingerprint.
+
+One port, :class:`InferenceCache`, with two adapters: :class:`RedisCache` (``IRE_REDIS_URL``) and
+:class:`EmbeddedCache` (a SQLite file under ``IRE_HOME``, the default). :func:`open_cache` picks
+one; :func:`cache_key` builds the keys. Values are JSON, never pickle.
+"""
+
+from engine.cache.base import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_TTL_SECONDS,
+    CacheStats,
+    CacheUnavailableError,
+    InferenceCache,
+    cache_key,
+    decode_evaluation,
+    encode_evaluation,
+    key_prefix,
+    open_cache,
+)
+from engine.cache.embedded import EmbeddedCache
+from engine.cache.redis_cache import RedisCache
+
+__all__ = [
+    "InferenceCache",
+    "CacheStats",
+    "CacheUnavailableError",
+    "RedisCache",
+    "EmbeddedCache",
+    "open_cache",
+    "cache_key",
+    "key_prefix",
+    "encode_evaluation",
+    "decode_evaluation",
+    "DEFAULT_NAMESPACE",
+    "DEFAULT_TTL_SECONDS",
+]

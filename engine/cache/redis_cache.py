@@ -1,0 +1,412 @@
+"""The Redis adapter of the inference cache: one MGET per look-up batch, one pipeline per write batch.
+
+URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS, options such as
+``?ssl_cert_reqs=required`` as redis-py reads them), ``unix:///path/redis.sock?db=0``, and Redis
+Sentinel as ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``
+(``rediss+sentinel://`` for TLS; ``?sentinel_password=...`` when the sentinels need their own
+password). redis-py has no Sentinel URL scheme of its own: this module parses that form and uses
+``redis.sentinel.Sentinel(...).master_for(service)``, which follows failovers.
+
+A Redis outage never fails a job: calls return misses at once, one warning is logged, and the
+connection is retried with exponential backoff (0.5 s doubling to 30 s) until Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from engine.cache.base import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_TTL_SECONDS,
+    CacheStats,
+    CacheUnavailableError,
+    _decode,
+    _warn_rejected,
+    check_ttl,
+    encode_items,
+    key_prefix,
+    scoped_prefix,
+)
+from engine.core.errors import SpecError
+from engine.core.evaluation import Evaluation
+
+__all__ = ["RedisCache", "LRU_POLICIES"]
+
+log = logging.getLogger(__name__)
+
+#: Eviction policies that drop the least recently (or frequently) used keys; every cache entry has
+#: a TTL, so the ``volatile-*`` variants evict cache entries too.
+LRU_POLICIES: Final = frozenset({"allkeys-lru", "volatile-lru", "allkeys-lfu", "volatile-lfu"})
+_MANAGED_POLICY: Final = "allkeys-lru"
+_CHUNK: Final = 10_000  # keys per MGET and commands per pipeline execution
+_OUTAGE_ERRORS: Final = (redis.RedisError, OSError)
+
+
+def _redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` with the glob characters of SCAN MATCH escaped."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+def _sentinel_client(
+    url: str, sentinel_kwargs: dict[str, Any], **kwargs: Any
+) -> tuple[redis.Redis, Sentinel]:
+    """A client of the master named in a ``redis+sentinel://`` URL, and its Sentinel manager."""
+    parts = urlsplit(url)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    if userinfo:
+        user, has_password, password = userinfo.partition(":")
+        kwargs["username"] = unquote(user) or None
+        kwargs["password"] = unquote(password) if has_password else None
+    sentinels: list[tuple[str, int]] = []
+    for item in filter(None, hostlist.split(",")):
+        match = re.fullmatch(r"\[?([^\[\]]+?)\]?(?::(\d+))?", item)
+        if not match:
+            raise SpecError(f"Redis Sentinel URL {_redact(url)!r}: cannot read the address {item!r}")
+        sentinels.append((match.group(1), int(match.group(2) or 26379)))
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    db_ok = len(segments) == 1 or (len(segments) == 2 and segments[1].isdigit())
+    if not sentinels or not db_ok:
+        raise SpecError(
+            f"Redis Sentinel URL {_redact(url)!r}: use "
+            "redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
+        )
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    ssl = parts.scheme.lower().startswith("rediss")
+    sentinel_kwargs = {
+        **sentinel_kwargs,
+        "username": query.get("sentinel_username"),
+        "password": query.get("sentinel_password"),
+        "ssl": ssl,
+    }
+    manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    db = int(segments[1]) if len(segments) == 2 else 0
+    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+        segments[0], db=db, ssl=ssl, **kwargs
+    )
+    return client, manager
+
+
+class RedisCache:
+    """An :class:`~engine.cache.InferenceCache` on Redis (see the module docstring for URLs).
+
+    Entries are ``SET key json PX ttl``; look-ups one ``MGET`` per batch (chunked at 10,000 keys,
+    the chunks sent in one pipeline). The client connects lazily; on its first contact (and again
+    after each outage) it reads ``maxmemory-policy`` and warns once if it is not an LRU/LFU policy;
+    with ``manage_server=True`` it sets ``allkeys-lru`` instead (a managed Redis that disables
+    CONFIG gets a warning). Socket timeouts are short (``socket_connect_timeout`` 1 s,
+    ``socket_timeout`` 2 s) so a dead server costs a cycle at most a few seconds, once per retry.
+
+    Thread-safe; each process (also after a fork) uses its own connections. Counters in
+    :meth:`stats` are per object; ``entries`` is None (DBSIZE would count other applications'
+    keys) and ``memory_bytes`` the server's ``used_memory``.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        default_ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        manage_server: bool = False,
+        socket_connect_timeout: float = 1.0,
+        socket_timeout: float = 2.0,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._namespace = key_prefix(namespace)[:-1]
+        self._default_ttl = check_ttl(default_ttl_seconds, DEFAULT_TTL_SECONDS)
+        self._manage_server = manage_server
+        self._shown_url = _redact(url)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._clock = clock
+        self._sentinel: Sentinel | None = None
+        timeouts = {"socket_connect_timeout": socket_connect_timeout, "socket_timeout": socket_timeout}
+        # One immediate retry on a dropped connection (a pooled socket closed by a restart); timeouts
+        # are not retried, so a hung server costs one timeout per attempt.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+        scheme = url.partition("://")[0].lower()
+        try:
+            if scheme in ("redis+sentinel", "rediss+sentinel"):
+                sentinel_kwargs = {**timeouts, "retry": Retry(NoBackoff(), 0)}
+                self._client, self._sentinel = _sentinel_client(url, sentinel_kwargs, **timeouts, retry=retry)
+            elif scheme in ("redis", "rediss", "unix"):
+                self._client = redis.Redis.from_url(url, **timeouts, retry=retry)
+            else:
+                raise ValueError("the scheme must be redis, rediss, unix or redis+sentinel")
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f"Redis URL {self._shown_url!r}: {exc}") from None
+        if self._client.get_connection_kwargs().get("decode_responses"):
+            raise SpecError(f"Redis URL {self._shown_url!r}: remove decode_responses (values are bytes)")
+
+        self._lock = threading.Lock()
+        self._down = False  # in an outage: skip the network until _retry_at
+        self._down_since = 0.0
+        self._retry_at = 0.0
+        self._backoff = retry_initial
+        self._policy_due = True  # check maxmemory-policy on the next successful contact
+        self._policy_warned = False
+        self._write_refusal_warned = False
+        self._encode_warned = [False]
+        self._hits = self._misses = self._unavailable = self._writes = self._rejected = 0
+        self._unwritten = 0
+
+    # -- the port ---------------------------------------------------------------------------------
+
+    @property
+    def namespace(self) -> str:
+        """The (sanitised) namespace of this cache's keys."""
+        return self._namespace
+
+    def get_many(self, keys: Sequence[str]) -> list[Evaluation | None]:
+        """The cached evaluations of ``keys`` in order (None = miss); all misses during an outage."""
+        n = len(keys)
+        if n == 0:
+            return []
+        if not self._usable():
+            self._count(unavailable=n)
+            return [None] * n
+        try:
+            self._check_policy()
+            if n <= _CHUNK:
+                raws: list[Any] = self._client.mget(keys)
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for start in range(0, n, _CHUNK):
+                    pipe.mget(keys[start : start + _CHUNK])
+                raws = [raw for chunk in pipe.execute() for raw in chunk]
+        except _OUTAGE_ERRORS as exc:
+            self._failed(exc)
+            self._count(unavailable=n)
+            return [None] * n
+        self._succeeded()
+        out: list[Evaluation | None] = []
+        hits = rejected = 0
+        for key, raw in zip(keys, raws, strict=True):
+            if raw is None:
+                out.append(None)
+                continue
+            ev = _decode(raw)
+            if isinstance(ev, str):
+                _warn_rejected(key, ev)
+                rejected += 1
+                out.append(None)
+            else:
+                hits += 1
+                out.append(ev)
+        self._count(hits=hits, misses=n - hits, rejected=rejected)
+        return out
+
+    def put_many(self, items: Sequence[tuple[str, Evaluation]], ttl_seconds: float | None = None) -> None:
+        """Store the items with ``SET ... PX`` in one pipeline; drop them during an outage."""
+        ttl = check_ttl(ttl_seconds, self._default_ttl)
+        if not items:
+            return
+        if not self._usable():
+            self._count(unwritten=len(items))
+            return
+        encoded, skipped = encode_items(items, self._encode_warned)
+        px = max(1, round(ttl * 1000))
+        written = 0
+        try:
+            self._check_policy()
+            pipe = self._client.pipeline(transaction=False)
+            pending = 0
+            for key, value in encoded.items():
+                pipe.set(key, value, px=px)
+                pending += 1
+                if pending == _CHUNK:
+                    pipe.execute()
+                    written, pending = written + pending, 0
+            if pending:
+                pipe.execute()
+                written += pending
+        except redis.ResponseError as exc:  # e.g. OOM under noeviction: the server is up but refuses
+            self._succeeded()
+            self._count(writes=written, unwritten=len(encoded) - written + skipped)
+            with self._lock:
+                first, self._write_refusal_warned = not self._write_refusal_warned, True
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "inference cache: Redis at %s refused a write (%s); those evaluations are not cached",
+                self._shown_url,
+                exc,
+            )
+            return
+        except _OUTAGE_ERRORS as exc:
+            self._failed(exc)
+            self._count(writes=written, unwritten=len(encoded) - written + skipped)
+            return
+        self._succeeded()
+        self._count(writes=written, unwritten=skipped)
+
+    def stats(self) -> CacheStats:
+        """Counters of this object; ``memory_bytes`` from ``INFO memory`` when Redis is reachable."""
+        memory: int | None = None
+        if self._usable():
+            try:
+                memory = int(self._client.info("memory")["used_memory"])
+            except _OUTAGE_ERRORS as exc:
+                self._failed(exc)
+            except (KeyError, TypeError, ValueError):
+                pass
+            else:
+                self._succeeded()
+        with self._lock:
+            return CacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                unavailable=self._unavailable,
+                writes=self._writes,
+                rejected=self._rejected,
+                entries=None,
+                memory_bytes=memory,
+                backend="redis",
+                unwritten=self._unwritten,
+            )
+
+    def clear(self, prefix: str = "") -> int:
+        """Delete this namespace's keys starting with ``prefix`` (SCAN + UNLINK); return how many."""
+        pattern = _glob_escape(scoped_prefix(self._namespace, prefix)) + "*"
+        removed = 0
+        try:
+            batch: list[bytes] = []
+            for key in self._client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    removed += int(self._client.unlink(*batch))
+                    batch = []
+            if batch:
+                removed += int(self._client.unlink(*batch))
+        except _OUTAGE_ERRORS as exc:
+            self._failed(exc)
+            raise CacheUnavailableError(
+                f"cannot clear the inference cache: Redis at {self._shown_url} is unavailable ({exc})"
+            ) from None
+        self._succeeded()
+        return removed
+
+    def close(self) -> None:
+        """Close the connection pool (and the Sentinel connections)."""
+        self._client.close()
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                sentinel.close()
+
+    def __repr__(self) -> str:
+        return f"RedisCache({self._shown_url!r}, namespace={self._namespace!r})"
+
+    # -- outages ----------------------------------------------------------------------------------
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, f"_{name}", getattr(self, f"_{name}") + delta)
+
+    def _usable(self) -> bool:
+        """False while in an outage and before the next retry time."""
+        if not self._down:
+            return True
+        with self._lock:
+            return not self._down or self._clock() >= self._retry_at
+
+    def _failed(self, exc: BaseException) -> None:
+        """Enter (or prolong) an outage: one warning per outage, then retries with backoff."""
+        with self._lock:
+            first = not self._down
+            now = self._clock()
+            if first:
+                self._down, self._down_since, self._backoff = True, now, self._retry_initial
+            else:
+                self._backoff = min(self._backoff * 2, self._retry_max)
+            self._retry_at = now + self._backoff
+            self._policy_due = True
+            backoff = self._backoff
+        if first:
+            log.warning(
+                "inference cache: Redis at %s is unavailable (%s: %s); the job goes on without the "
+                "cache (look-ups count as misses) and reconnects with backoff",
+                self._shown_url,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            log.debug("inference cache: Redis still unavailable (%s); next try in %.1f s", exc, backoff)
+
+    def _succeeded(self) -> None:
+        """Leave an outage, if in one: log that the cache is back and reset the backoff."""
+        if not self._down:
+            return
+        with self._lock:
+            if not self._down:
+                return
+            self._down = False
+            self._backoff = self._retry_initial
+            down_for = self._clock() - self._down_since
+        log.info("inference cache: redis cache is back at %s after %.1f s", self._shown_url, down_for)
+
+    def _check_policy(self) -> None:
+        """On first contact (and after outages) make sure Redis evicts by LRU; warn once if not.
+
+        Connection errors propagate (the caller treats them as an outage); a server that refuses
+        CONFIG (managed Redis) is told about once and not asked again.
+        """
+        if not self._policy_due:
+            return
+        try:
+            reply = self._client.config_get("maxmemory-policy")
+        except redis.ResponseError as exc:
+            self._policy_due = False
+            log.info("inference cache: cannot read maxmemory-policy from Redis (%s); not checked", exc)
+            return
+        self._policy_due = False
+        values: dict[Any, Any] = dict(reply)
+        raw = values.get("maxmemory-policy") or values.get(b"maxmemory-policy") or b""
+        policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if policy in LRU_POLICIES:
+            return
+        if self._manage_server:
+            try:
+                self._client.config_set("maxmemory-policy", _MANAGED_POLICY)
+            except redis.ResponseError as exc:
+                self._warn_policy(policy, f"setting {_MANAGED_POLICY} failed: {exc}")
+            else:
+                log.info(
+                    "inference cache: set Redis maxmemory-policy from %r to %r at %s",
+                    policy,
+                    _MANAGED_POLICY,
+                    self._shown_url,
+                )
+            return
+        self._warn_policy(policy, f"set maxmemory-policy {_MANAGED_POLICY} or let the engine manage it")
+
+    def _warn_policy(self, policy: str, advice: str) -> None:
+        with self._lock:
+            first, self._policy_warned = not self._policy_warned, True
+        if not first:
+            return
+        log.warning(
+            "inference cache: Redis at %s has maxmemory-policy %r, not an LRU policy: when it fills "
+            "up it %s; %s",
+            self._shown_url,
+            policy,
+            "refuses writes" if policy == "noeviction" else "does not evict the least recently used",
+            advice,
+        )
