@@ -17,9 +17,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
+from engine.cache import CacheConfig, InferenceCache, cache_key, process_cache
 from engine.core import (
     Candidate,
     CycleRecord,
@@ -29,15 +30,18 @@ from engine.core import (
     Progress,
     Space,
     SpecError,
+    Status,
     Strategy,
     account_cycle,
+    fingerprint,
     losses,
     next_batch_size,
     problem_direction,
+    problem_version,
     stop_reason,
 )
 from engine.core.cycle import too_many_failures
-from engine.execution import Executor, ProblemRef
+from engine.execution import Executor, ProblemRef, Writeback
 from engine.problems import load_problem, problem_space
 from engine.store import JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
@@ -73,6 +77,18 @@ class Job:
     space: Space
     strategy: Strategy
     progress: Progress = field(default_factory=Progress)
+    cache: InferenceCache | None = None
+    cache_config: CacheConfig | None = None
+    last_cache_misses: int = 0
+
+    @property
+    def caching(self) -> bool:
+        return self.cache is not None and self.spec.cache != "off"
+
+    def cache_keys(self, candidates: Sequence[Candidate]) -> list[str]:
+        assert self.cache is not None
+        ns, name, version = self.cache.namespace, self.spec.problem, problem_version(self.problem)
+        return [cache_key(ns, name, version, fingerprint(c)) for c in candidates]
 
     @property
     def maximize(self) -> bool:
@@ -190,9 +206,53 @@ def propose(job: Job, n: int) -> list[Candidate]:
     return job.strategy.ask(n)
 
 
+AUTO_CACHE_MIN_SECONDS = 1e-3
+"""With ``cache = "auto"``, evaluations faster than this are not worth a cache round trip."""
+
+
 def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> list[Evaluation]:
-    """Stage 2: evaluate the candidates on the executor (Dask fan-out happens in there)."""
-    return executor.evaluate(job.ref, candidates, job.spec.shard_size)
+    """Stage 2: look the batch up in the cache, evaluate the distinct misses on the executor
+    (the Dask fan-out happens in there; workers write each result back as it finishes), and
+    return one evaluation per candidate. A repeat within the batch is paid for once."""
+    if not job.caching or job.cache is None or job.cache_config is None:
+        job.last_cache_misses = 0
+        return executor.evaluate(job.ref, candidates, job.spec.shard_size)
+    keys = job.cache_keys(candidates)
+    found = job.cache.get_many(keys)
+    todo: dict[str, int] = {}
+    for i, (key, hit) in enumerate(zip(keys, found, strict=True)):
+        if hit is None and key not in todo:
+            todo[key] = i
+    writeback = Writeback(job.cache_config, tuple(todo), job.spec.cache_ttl_seconds, job.spec.cache_failures)
+    fresh = executor.evaluate(job.ref, [candidates[i] for i in todo.values()], job.spec.shard_size, writeback)
+    computed = dict(zip(todo, fresh, strict=True))
+    out: list[Evaluation] = []
+    for i, (key, hit) in enumerate(zip(keys, found, strict=True)):
+        if hit is not None:
+            out.append(hit)
+        elif todo[key] == i:
+            out.append(computed[key])
+        else:  # a repeat of a candidate computed in this batch: not paid for twice
+            ev = computed[key]
+            out.append(replace(ev, status=Status.CACHED) if ev.ok else ev)
+    job.last_cache_misses = len(todo)
+    _maybe_stop_caching(job, fresh)
+    return out
+
+
+def _maybe_stop_caching(job: Job, computed: Sequence[Evaluation]) -> None:
+    if job.spec.cache != "auto" or not computed:
+        return
+    durations = sorted(e.duration for e in computed)
+    median = durations[len(durations) // 2]
+    if median < AUTO_CACHE_MIN_SECONDS:
+        log.info(
+            "job %s: evaluations take %.0f us, less than a cache round trip; caching off for this run "
+            "(set cache = 'on' to keep it)",
+            job.job_id,
+            median * 1e6,
+        )
+        job.cache = None
 
 
 def record(
@@ -212,6 +272,7 @@ def record(
         maximize=maximize,
         tolerance=job.spec.tolerance,
         duration=cycle_seconds,
+        cache_misses=job.last_cache_misses,
     )
     state = {"strategy": job.strategy.state(), "progress": job.progress.to_dict()}
     committer.commit_cycle(job, cycle, candidates, evaluations, state)
@@ -225,12 +286,18 @@ def run_job(
     *,
     stages: StageRunner = call_stage,
     listeners: Sequence[CycleListener] = (),
+    cache: CacheConfig | None = None,
 ) -> JobResult:
     """Run ``job`` to a stop rule; record the outcome in the store and return it.
+
+    With ``cache``, evaluations are looked up in (and written to) that inference cache unless the
+    job's spec says ``cache = "off"``.
 
     Raises :class:`JobFailedError` (after recording it) when a cycle fails more than the spec
     allows; ``KeyboardInterrupt`` marks the job interrupted, resumable from its last checkpoint.
     """
+    if cache is not None and job.spec.cache != "off":
+        job.cache, job.cache_config = process_cache(cache), cache
     committer = CycleCommitter(store)
     store.set_status(job.job_id, JobStatus.RUNNING)
     try:

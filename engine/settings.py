@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(None, description="existing Dask scheduler; default: a LocalCluster")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: CPU count")
     redis_url: str | None = Field(None, description="inference cache; default: the embedded cache")
+    cache_namespace: str = Field("ire", description="key prefix: one per deployment sharing a Redis")
+    cache_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0, description="default time to live of entries")
+    cache_max_entries: int | None = Field(1_000_000, ge=1, description="bound of the embedded cache")
+    cache_manage_server: bool = Field(False, description="set Redis' eviction policy to allkeys-lru")
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import quote
 
+from engine.cache import CacheConfig
 from engine.core import JobSpec, SpecError, TransientError
 from engine.execution import Executor, InProcessExecutor
 from engine.runner import CycleListener, create_job, resume_job, run_job
@@ -101,7 +102,9 @@ def refine(
     pending job or resume an interrupted or crashed one from its last checkpoint.
     """
     logger = get_run_logger()
-    store = JobStore.from_settings(load_settings())
+    settings = load_settings()
+    store = JobStore.from_settings(settings)
+    cache_config = CacheConfig.from_settings(settings)
     try:
         if spec is not None:
             job = create_job(store, spec, job_id)
@@ -119,7 +122,9 @@ def refine(
         )
         runner = open_executor(executor, dask_address)
         try:
-            result = run_job(job, store, runner, stages=prefect_stage, listeners=_listeners.get())
+            result = run_job(
+                job, store, runner, stages=prefect_stage, listeners=_listeners.get(), cache=cache_config
+            )
         finally:
             runner.close()
         logger.info(

@@ -160,7 +160,8 @@ def _summary(console: Any, result: dict[str, Any]) -> None:
         f"[bold]job {result['job_id']}[/bold] {result['status']}: "
         f"{result.get('stop_reason') or result.get('error')}\n"
         f"  cycles {result['cycles']}, evaluations {result['evaluations']} "
-        f"({result['failed']} failed, {result['cached']} cached)\n"
+        f"({result['failed']} failed)\n"
+        f"  cache hits {result['cached']}, misses {result['cache_misses']}\n"
         f"  best score {_fmt(result['best_score'])} at cycle {result.get('best_cycle')}\n"
         f"  best candidate {json.dumps(result['best_candidate'])}"
     )
@@ -232,6 +233,8 @@ def job_summary(record: Any) -> dict[str, Any]:
         "evaluations": record.evaluations,
         "failed_evaluations": record.failed_evaluations,
         "cached_evaluations": record.cached_evaluations,
+        "cache_hits": record.cached_evaluations,
+        "cache_misses": record.cache_misses,
         "best_score": record.best_score,
         "best_candidate": record.best_candidate,
         "stop_reason": record.stop_reason,

@@ -49,3 +49,29 @@ class WorkerPid:
     def evaluate(self, candidate: Any) -> Evaluation:
         time.sleep(0.02)
         return Evaluation(candidate["x"], metrics={"pid": os.getpid()})
+
+
+class Logged:
+    """Sleeps ``ms`` and appends each evaluated candidate to the file ``log`` (to count real work)."""
+
+    space = {"x": Float(-2, 2), "y": Float(-2, 2)}
+    version = "1"
+
+    def __init__(self, log: str, ms: float = 60.0, version: str = "1") -> None:
+        self.log, self.ms, self.version = log, ms, version
+
+    def evaluate(self, candidate: Any) -> float:
+        time.sleep(self.ms / 1000)
+        with open(self.log, "a") as fh:
+            fh.write(f"{candidate['x']!r},{candidate['y']!r}\n")
+        return (candidate["x"] - 0.3) ** 2 + (candidate["y"] + 0.1) ** 2
+
+
+class Tiny:
+    """Two possible candidates: batches of random search repeat them."""
+
+    space = {"n": Int(0, 1)}
+
+    def evaluate(self, candidate: Any) -> float:
+        time.sleep(0.002)
+        return float(candidate["n"])

@@ -174,39 +174,30 @@ def _wait_for_cycles(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env) -> None:
-    args = [
-        "--problem",
-        "tests.problems_for_tests:Slow",
-        "--problem-param",
-        "ms=20",
-        "--strategy",
-        "cmaes",
-        "--batch-size",
-        "8",
-        "--max-evaluations",
-        "160",
-        "--seed",
-        "11",
-    ]
-    full = irefine("run", *args, "--job-id", "whole", env=ire_env)
+def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env, tmp_path: Path) -> None:
+    def args(log: Path) -> list[str]:
+        return ["--problem", "tests.problems_for_tests:Logged", "--problem-param", f"log={log}",
+                "--problem-param", "ms=60", "--strategy", "cmaes", "--batch-size", "8",
+                "--max-evaluations", "160", "--seed", "11"]  # fmt: skip
+
+    whole_env = {**ire_env, "IRE_CACHE_NAMESPACE": "whole"}  # its own cache entries
+    full = irefine("run", *args(tmp_path / "whole.log"), "--job-id", "whole", env=whole_env)
     assert full.returncode == 0, full.stdout + full.stderr
 
+    log = tmp_path / "killed.log"
+    command = [*IREFINE, "run", *args(log), "--job-id", "killed"]
     proc = subprocess.Popen(
-        [*IREFINE, "run", *args, "--job-id", "killed"],
-        env=ire_env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+        command, env=ire_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
         _wait_for_cycles(ire_env, "killed", 5, proc, limit=180)
+        time.sleep(0.15)  # into the next cycle: some of its evaluations have finished
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers, no clean-up
         proc.communicate()
     rows = {r[0]: r for r in job_rows(ire_env)}
     assert rows["killed"][1] == "running" and 5 <= rows["killed"][2] < 20
+    done_before = len(log.read_text().splitlines())
 
     resumed = irefine("resume", "killed", env=ire_env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -216,6 +207,10 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env
     assert killed["evaluations"] == whole["evaluations"] == 160
     assert killed["best_score"] == whole["best_score"]
     assert killed["best_candidate"] == whole["best_candidate"]
+    # Nothing that finished before the kill was evaluated again: each candidate ran exactly once.
+    evaluated = log.read_text().splitlines()
+    assert len(evaluated) == len(set(evaluated)) == 160 and done_before > 5 * 8
+    assert killed["cache_hits"] >= done_before - rows["killed"][3]
 
 
 @pytest.mark.integration

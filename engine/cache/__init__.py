@@ -17,10 +17,13 @@ from engine.cache.base import (
     key_prefix,
     open_cache,
 )
+from engine.cache.config import CacheConfig, process_cache
 from engine.cache.embedded import EmbeddedCache
 from engine.cache.redis_cache import RedisCache
 
 __all__ = [
+    "CacheConfig",
+    "process_cache",
     "InferenceCache",
     "CacheStats",
     "CacheUnavailableError",

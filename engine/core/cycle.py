@@ -25,6 +25,7 @@ class Progress:
     evaluations: int = 0
     failed: int = 0
     cached: int = 0
+    cache_misses: int = 0
     best_loss: float | None = None
     best_score: float | None = None
     best_candidate: dict[str, Any] | None = None
@@ -73,8 +74,9 @@ def account_cycle(
     maximize: bool,
     tolerance: float,
     duration: float,
+    cache_misses: int = 0,
 ) -> tuple[Progress, CycleRecord]:
-    """Fold one cycle's evaluations into the job's progress."""
+    """Fold one cycle's evaluations into the job's progress (``cache_misses``: look-ups that missed)."""
     cycle = progress.cycles + 1
     cycle_losses = losses(evaluations, maximize)
     failed = sum(1 for x in cycle_losses if x is None)
@@ -91,6 +93,7 @@ def account_cycle(
         evaluations=progress.evaluations + len(evaluations),
         failed=progress.failed + failed,
         cached=progress.cached + cached,
+        cache_misses=progress.cache_misses + cache_misses,
         cycles_without_improvement=0 if improved else progress.cycles_without_improvement + 1,
         elapsed_seconds=progress.elapsed_seconds + duration,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +30,11 @@ class JobSpec(BaseModel):
     deadline: datetime | None = None
     max_failure_share: float = Field(0.5, ge=0.0, le=1.0, description="fail the job when a cycle fails more")
     shard_size: int | None = Field(None, ge=1, description="candidates per Dask task; default: spread evenly")
+    cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="inference cache: 'auto' turns it off when evaluations cost under 1 ms"
+    )
+    cache_ttl_seconds: float | None = Field(None, gt=0, description="entry lifetime; default: the settings'")
+    cache_failures: bool = Field(False, description="cache failed evaluations too (deterministic failures)")
 
     @model_validator(mode="after")
     def _bounded(self) -> JobSpec:

@@ -6,10 +6,11 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
+from engine.cache.config import CacheConfig, process_cache
 from engine.core import Candidate, Evaluation
 
 
@@ -25,6 +26,30 @@ class ProblemRef:
         return self.name + "|" + orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS).decode()
 
 
+@dataclass(frozen=True)
+class Writeback:
+    """Where a shard writes each finished evaluation, so that a crash loses none of them.
+
+    ``keys`` are the cache keys of the shard's candidates, in order. An evaluation that took
+    ``WRITE_NOW_SECONDS`` or more is written the moment it ends; cheaper ones are buffered for at
+    most ``FLUSH_SECONDS`` and go out in a few batched round trips (a crash can cost that much
+    cheap work again, never an expensive evaluation).
+    """
+
+    config: CacheConfig
+    keys: tuple[str, ...] = ()
+    ttl_seconds: float | None = None
+    include_failed: bool = False
+
+    def for_shard(self, keys: Sequence[str]) -> Writeback:
+        return Writeback(self.config, tuple(keys), self.ttl_seconds, self.include_failed)
+
+
+FLUSH_SECONDS = 0.5
+WRITE_NOW_SECONDS = 0.05
+T = TypeVar("T")
+
+
 class Executor(Protocol):
     """Evaluates candidates of one problem and returns their evaluations in the same order.
 
@@ -38,7 +63,11 @@ class Executor(Protocol):
     def workers(self) -> int: ...
 
     def evaluate(
-        self, ref: ProblemRef, candidates: Sequence[Candidate], shard_size: int | None = None
+        self,
+        ref: ProblemRef,
+        candidates: Sequence[Candidate],
+        shard_size: int | None = None,
+        writeback: Writeback | None = None,
     ) -> list[Evaluation]: ...
 
     def close(self) -> None: ...
@@ -63,9 +92,40 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"[:2000]
 
 
-def evaluate_shard(ref: ProblemRef, candidates: Sequence[Candidate]) -> list[Evaluation]:
-    """Evaluate a shard of candidates in this process; failures become failed evaluations."""
+class _Writer:
+    """Buffers a shard's evaluations and writes them to the cache at most every FLUSH_SECONDS."""
+
+    def __init__(self, writeback: Writeback | None) -> None:
+        self._wb = writeback
+        self._cache = process_cache(writeback.config) if writeback is not None else None
+        self._buffer: list[tuple[str, Evaluation]] = []
+        self._last = time.monotonic()
+
+    def add(self, index: int, evaluation: Evaluation) -> None:
+        if self._wb is None or not (evaluation.ok or self._wb.include_failed):
+            return
+        self._buffer.append((self._wb.keys[index], evaluation))
+        if evaluation.duration >= WRITE_NOW_SECONDS or time.monotonic() - self._last >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._cache is not None and self._buffer:
+            self._cache.put_many(self._buffer, ttl_seconds=self._wb.ttl_seconds if self._wb else None)
+        self._buffer = []
+        self._last = time.monotonic()
+
+
+def evaluate_shard(
+    ref: ProblemRef, candidates: Sequence[Candidate], writeback: Writeback | None = None
+) -> list[Evaluation]:
+    """Evaluate a shard of candidates in this process; failures become failed evaluations.
+
+    With a ``writeback``, each finished evaluation also goes to the inference cache from here, so
+    that work done before a crash of the flow process is found again on resume.
+    """
     problem = worker_problem(ref)
+    writer = _Writer(writeback)
+    out: list[Evaluation] = []
     batch = getattr(problem, "evaluate_batch", None)
     if batch is not None and len(candidates) > 1:
         start = time.perf_counter()
@@ -75,29 +135,33 @@ def evaluate_shard(ref: ProblemRef, candidates: Sequence[Candidate]) -> list[Eva
             results = None
         if results is not None and len(results) == len(candidates):
             each = (time.perf_counter() - start) / len(candidates)
-            return [Evaluation.from_result(r, each) for r in results]
+            out = [Evaluation.from_result(r, each) for r in results]
+            for i, ev in enumerate(out):
+                writer.add(i, ev)
+            writer.flush()
+            return out
     evaluate = problem.evaluate
-    out: list[Evaluation] = []
     clock = time.perf_counter
-    for candidate in candidates:
+    for i, candidate in enumerate(candidates):
         start = clock()
         try:
-            result = evaluate(candidate)
+            ev = Evaluation.from_result(evaluate(candidate), clock() - start)
         except Exception as exc:
-            out.append(Evaluation.failed(_error_text(exc), clock() - start))
-            continue
-        out.append(Evaluation.from_result(result, clock() - start))
+            ev = Evaluation.failed(_error_text(exc), clock() - start)
+        out.append(ev)
+        writer.add(i, ev)
+    writer.flush()
     return out
 
 
-def split_shards(candidates: Sequence[Candidate], shards: int) -> list[list[Candidate]]:
-    """Split ``candidates`` into at most ``shards`` contiguous, nearly equal lists."""
-    n = len(candidates)
+def split_shards(items: Sequence[T], shards: int) -> list[list[T]]:
+    """Split ``items`` into at most ``shards`` contiguous, nearly equal lists."""
+    n = len(items)
     shards = max(1, min(shards, n))
     size, extra = divmod(n, shards)
     out, start = [], 0
     for i in range(shards):
         end = start + size + (1 if i < extra else 0)
-        out.append(list(candidates[start:end]))
+        out.append(list(items[start:end]))
         start = end
     return out

@@ -11,7 +11,7 @@ from typing import Any
 from distributed import Client, LocalCluster
 
 from engine.core import Candidate, Evaluation, TransientError
-from engine.execution.base import ProblemRef, evaluate_shard, split_shards
+from engine.execution.base import Executor, ProblemRef, Writeback, evaluate_shard, split_shards
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,21 @@ class DaskExecutor:
         return self.workers
 
     def evaluate(
-        self, ref: ProblemRef, candidates: Sequence[Candidate], shard_size: int | None = None
+        self,
+        ref: ProblemRef,
+        candidates: Sequence[Candidate],
+        shard_size: int | None = None,
+        writeback: Writeback | None = None,
     ) -> list[Evaluation]:
         if not candidates:
             return []
-        shards = split_shards(candidates, self.shard_count(len(candidates), shard_size))
+        count = self.shard_count(len(candidates), shard_size)
+        shards = split_shards(candidates, count)
+        writebacks: list[Writeback | None] = [None] * len(shards)
+        if writeback is not None:
+            writebacks = [writeback.for_shard(keys) for keys in split_shards(writeback.keys, count)]
         futures = self.client.map(
-            evaluate_shard, [ref] * len(shards), shards, pure=False, retries=self._retries
+            evaluate_shard, [ref] * len(shards), shards, writebacks, pure=False, retries=self._retries
         )
         try:
             results = self.client.gather(futures)
@@ -78,3 +86,7 @@ class DaskExecutor:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+def _conforms(executor: DaskExecutor) -> Executor:
+    return executor  # mypy checks that DaskExecutor implements the Executor protocol

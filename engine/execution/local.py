@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.core import Candidate, Evaluation
-from engine.execution.base import ProblemRef, evaluate_shard
+from engine.execution.base import Executor, ProblemRef, Writeback, evaluate_shard
 
 
 class InProcessExecutor:
@@ -16,9 +16,17 @@ class InProcessExecutor:
         return 1
 
     def evaluate(
-        self, ref: ProblemRef, candidates: Sequence[Candidate], shard_size: int | None = None
+        self,
+        ref: ProblemRef,
+        candidates: Sequence[Candidate],
+        shard_size: int | None = None,
+        writeback: Writeback | None = None,
     ) -> list[Evaluation]:
-        return evaluate_shard(ref, candidates)
+        return evaluate_shard(ref, candidates, writeback)
 
     def close(self) -> None:
         return None
+
+
+def _conforms(executor: InProcessExecutor) -> Executor:
+    return executor  # mypy checks that InProcessExecutor implements the Executor protocol

@@ -107,6 +107,7 @@ class JobRecord:
     evaluations: int
     failed_evaluations: int
     cached_evaluations: int
+    cache_misses: int
     best_score: float | None
     best_candidate: dict[str, Any] | None
     stop_reason: str | None
@@ -216,6 +217,7 @@ class JobStore:
             "evaluations": 0,
             "failed_evaluations": 0,
             "cached_evaluations": 0,
+            "cache_misses": 0,
             "best_score": None,
             "best_candidate": None,
             "stop_reason": None,
@@ -241,6 +243,7 @@ class JobStore:
             evaluations=0,
             failed_evaluations=0,
             cached_evaluations=0,
+            cache_misses=0,
             best_score=None,
             best_candidate=None,
             stop_reason=None,
@@ -335,6 +338,7 @@ class JobStore:
             "evaluations": progress.evaluations,
             "failed_evaluations": progress.failed,
             "cached_evaluations": progress.cached,
+            "cache_misses": progress.cache_misses,
             "best_score": progress.best_score,
             "best_candidate": best_json,
             "updated_at": now,
@@ -614,6 +618,7 @@ def _job_record(row: Row[Any]) -> JobRecord:
         evaluations=row.evaluations,
         failed_evaluations=row.failed_evaluations,
         cached_evaluations=row.cached_evaluations,
+        cache_misses=row.cache_misses,
         best_score=row.best_score,
         best_candidate=None if row.best_candidate is None else orjson.loads(row.best_candidate),
         stop_reason=row.stop_reason,

@@ -45,6 +45,7 @@ class JobRow(SQLModel, table=True):
     evaluations: int = 0
     failed_evaluations: int = 0
     cached_evaluations: int = 0
+    cache_misses: int = 0
     best_score: float | None = None
     best_candidate: str | None = Field(default=None, sa_type=Text)
     stop_reason: str | None = Field(default=None, sa_type=Text)
