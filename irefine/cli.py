@@ -316,6 +316,81 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _open_cache() -> tuple[Any, Any]:
+    from engine.cache import CacheConfig
+    from engine.core import SpecError
+    from engine.settings import load_settings
+
+    config = CacheConfig.from_settings(load_settings())
+    try:
+        return config, config.open()
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    from engine.cache import CacheUnavailableError, RedisCache
+
+    config, cache = _open_cache()
+    try:
+        stats = cache.stats()
+        entries = stats.entries
+        if entries is None and isinstance(cache, RedisCache):
+            try:
+                entries = cache.count()
+            except CacheUnavailableError as exc:
+                print(f"irefine: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+    finally:
+        cache.close()
+    store = _open_store()
+    try:
+        jobs = store.list_jobs(limit=1_000_000)
+    finally:
+        store.close()
+    hits = sum(j.cached_evaluations for j in jobs)
+    misses = sum(j.cache_misses for j in jobs)
+    summary = {
+        "backend": stats.backend,
+        "location": config.redis_url.split("@")[-1]
+        if config.redis_url
+        else str(config.home / "cache.sqlite"),
+        "namespace": config.namespace,
+        "entries": entries,
+        "memory_bytes": stats.memory_bytes,
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / (hits + misses) if hits + misses else None,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>12}: {'-' if value is None else value}")
+    return EXIT_OK
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from engine.cache import CacheUnavailableError, key_prefix
+    from engine.core import SpecError
+
+    config, cache = _open_cache()
+    try:
+        try:
+            prefix = key_prefix(config.namespace, args.problem, args.version)
+        except SpecError as exc:
+            raise BadInput(str(exc)) from None
+        removed = cache.clear(prefix)
+    except CacheUnavailableError as exc:
+        print(f"irefine: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        cache.close()
+    what = f"problem {args.problem!r}" if args.problem else f"namespace {config.namespace!r}"
+    print(f"removed {removed} cached evaluations of {what}")
+    return EXIT_OK
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
@@ -382,6 +457,16 @@ def make_parser() -> argparse.ArgumentParser:
     lst.add_argument("--json", action="store_true", help="print a JSON array")
     lst.set_defaults(func=cmd_list)
 
+    cache = sub.add_parser("cache", help="inspect or clear the inference cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="CACHE_COMMAND")
+    stats = cache_sub.add_parser("stats", help="entries, memory and hit rate of the inference cache")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.set_defaults(func=cmd_cache_stats)
+    clear = cache_sub.add_parser("clear", help="remove cached evaluations (all of this namespace by default)")
+    clear.add_argument("--problem", help="only this problem's entries (name or module:attr)")
+    clear.add_argument("--version", help="only this version of --problem")
+    clear.set_defaults(func=cmd_cache_clear)
+
     sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
     sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)
     return parser
@@ -397,6 +482,8 @@ def _silence_shutdown() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    from engine.core import EngineError
+
     _quiet_prefect()
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -406,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except BadInput as exc:
         print(f"irefine: error: {exc}", file=sys.stderr)
         code = EXIT_BAD_INPUT
+    except EngineError as exc:  # the store or the cache is unusable: say so in one line
+        print(f"irefine: error: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     if "prefect" in sys.modules:

@@ -35,7 +35,19 @@ def job_rows(env: dict[str, str]) -> list[tuple]:
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["run"], ["resume"], ["status"], ["list"], ["problems"], ["strategies"]]
+    "command",
+    [
+        [],
+        ["run"],
+        ["resume"],
+        ["status"],
+        ["list"],
+        ["problems"],
+        ["strategies"],
+        ["cache"],
+        ["cache", "stats"],
+        ["cache", "clear"],
+    ],  # fmt: skip
 )
 def test_every_command_has_help(command: list[str], ire_env) -> None:
     out = irefine(*command, "--help", env=ire_env)
@@ -246,3 +258,27 @@ def test_ctrl_c_exits_130_and_the_job_resumes(prefect_api, ire_env) -> None:
     assert "irefine resume ctrlc" in out
     status = json.loads(irefine("status", "ctrlc", "--json", env=ire_env).stdout)
     assert status["status"] == "interrupted"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_cache_stats_and_clear(prefect_api, ire_env) -> None:
+    empty = json.loads(irefine("cache", "stats", "--json", env=ire_env).stdout)
+    assert empty["entries"] == 0 and empty["backend"] == "embedded" and empty["hit_rate"] is None
+    args = ["--problem", "tests.problems_for_tests:Slow", "--problem-param", "ms=2", "--strategy", "random",
+            "--batch-size", "10", "--max-evaluations", "30", "--executor", "local"]  # fmt: skip
+    assert irefine("run", *args, "--job-id", "c1", env=ire_env).returncode == 0
+    out = irefine("run", *args, "--job-id", "c2", env=ire_env)
+    assert out.returncode == 0 and "cache hits 30, misses 0" in out.stdout
+    status = json.loads(irefine("status", "c2", "--json", env=ire_env).stdout)
+    assert status["cache_hits"] == 30 and status["cache_misses"] == 0
+    stats = json.loads(irefine("cache", "stats", "--json", env=ire_env).stdout)
+    assert (
+        stats["entries"] == 30 and stats["hits"] == 30 and stats["misses"] == 30 and stats["hit_rate"] == 0.5
+    )
+    assert irefine("cache", "clear", "--problem", "sphere", env=ire_env).stdout.startswith("removed 0 ")
+    cleared = irefine("cache", "clear", "--problem", "tests.problems_for_tests:Slow", env=ire_env)
+    assert cleared.returncode == 0 and cleared.stdout.startswith("removed 30 ")
+    assert json.loads(irefine("cache", "stats", "--json", env=ire_env).stdout)["entries"] == 0
+    bad = irefine("cache", "clear", "--version", "3", env=ire_env)
+    assert bad.returncode == 2 and "needs a problem" in bad.stderr

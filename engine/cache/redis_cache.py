@@ -303,6 +303,17 @@ class RedisCache:
         self._succeeded()
         return removed
 
+    def count(self, prefix: str = "") -> int:
+        """How many of this namespace's keys start with ``prefix`` (a SCAN: an admin operation)."""
+        pattern = _glob_escape(scoped_prefix(self._namespace, prefix)) + "*"
+        try:
+            return sum(1 for _ in self._client.scan_iter(match=pattern, count=1000))
+        except _OUTAGE_ERRORS as exc:
+            self._failed(exc)
+            raise CacheUnavailableError(
+                f"cannot count the inference cache: Redis at {self._shown_url} is unavailable ({exc})"
+            ) from None
+
     def close(self) -> None:
         """Close the connection pool (and the Sentinel connections)."""
         self._client.close()

@@ -442,6 +442,7 @@ class JobStore:
                     if conn.dialect.name == "postgresql":
                         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
                     SQLModel.metadata.create_all(conn, tables=list(STORE_TABLES))
+                    _add_missing_columns(conn)
                 return
             except StoreError as exc:
                 if attempt == 2 or "already exists" not in str(exc):
@@ -657,3 +658,25 @@ def _db_message(exc: DBAPIError) -> str:
 
 def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Bring a database made by an older release up to date: add the columns it lacks.
+
+    Releases so far change the schema only by adding columns (counters with defaults), which
+    ``ALTER TABLE ... ADD COLUMN`` covers on SQLite and PostgreSQL alike.
+    """
+    from sqlalchemy import inspect as sa_inspect
+    from sqlalchemy.schema import CreateColumn
+
+    inspector = sa_inspect(conn)
+    for table in STORE_TABLES:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl = str(CreateColumn(column).compile(dialect=conn.dialect)).replace(" NOT NULL", "")
+            default = getattr(column.default, "arg", None)
+            number = isinstance(default, (int, float)) and not isinstance(default, bool)
+            clause = f" DEFAULT {default!r}" if number else ""
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}{clause}"))
