@@ -20,7 +20,8 @@ class Problem(Protocol):
     ``evaluate(candidate) -> float | Evaluation``. Optional attributes: ``version`` (str, default
     ``"0"``; part of every cache key, so bumping it invalidates cached results), ``direction``
     (``"minimize"``, the default, or ``"maximize"``), and ``evaluate_batch(candidates) -> list``
-    for problems that score many candidates faster at once.
+    for problems that score many candidates faster at once (it may return ``NotImplemented`` to
+    decline a batch: then each candidate is evaluated, timed and cached on its own).
 
     ``evaluate`` runs on Dask workers, possibly many times at once in different processes: it must
     be importable there and must not rely on state shared between calls. An exception or a

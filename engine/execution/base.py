@@ -133,7 +133,7 @@ def evaluate_shard(
             results = batch(candidates)
         except Exception:
             results = None
-        if results is not None and len(results) == len(candidates):
+        if results is not None and results is not NotImplemented and len(results) == len(candidates):
             each = (time.perf_counter() - start) / len(candidates)
             out = [Evaluation.from_result(r, each) for r in results]
             for i, ev in enumerate(out):

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engine.core.evaluation import Evaluation
 from engine.core.problem import Direction
 from engine.core.space import Dimension, Float
 from engine.problems.loader import param_error
@@ -113,26 +112,20 @@ class Benchmark:
         row = np.asarray([[candidate[n] for n in self.names]], dtype=np.float64)
         return float(self.function(row)[0])
 
-    def evaluate_batch(self, candidates: Sequence[Mapping[str, Any]]) -> list[float | Evaluation]:
-        """Score many candidates: one numpy pass when free and failure-free, else one at a time.
+    def evaluate_batch(self, candidates: Sequence[Mapping[str, Any]]) -> Any:
+        """Score many candidates in one numpy pass when evaluations are free and failure-free.
 
-        A failing candidate yields an ``Evaluation.failed`` entry instead of failing the batch.
+        Otherwise return ``NotImplemented``: the engine then evaluates one candidate at a time,
+        timing and caching each as it finishes (what costly evaluations need).
         """
+        if self.cost_ms != 0.0 or self.fail_share != 0.0:
+            return NotImplemented
         if not candidates:
             return []
-        if self.cost_ms == 0.0 and self.fail_share == 0.0:
-            values = map(self._getter, candidates)
-            flat = values if self.dim == 1 else chain.from_iterable(values)
-            x = np.fromiter(flat, dtype=np.float64, count=len(candidates) * self.dim)
-            return list(self.function(x.reshape(len(candidates), self.dim)).tolist())
-        out: list[float | Evaluation] = []
-        for candidate in candidates:
-            start = time.perf_counter()
-            try:
-                out.append(self.evaluate(candidate))
-            except Exception as exc:
-                out.append(Evaluation.failed(f"{type(exc).__name__}: {exc}", time.perf_counter() - start))
-        return out
+        values = map(self._getter, candidates)
+        flat = values if self.dim == 1 else chain.from_iterable(values)
+        x = np.fromiter(flat, dtype=np.float64, count=len(candidates) * self.dim)
+        return list(self.function(x.reshape(len(candidates), self.dim)).tolist())
 
 
 def _is_real(value: Any) -> bool:

@@ -92,9 +92,18 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+_TRANSIENT = ("ary", "pop_sorted", "_tell2_args")
+"""Per-generation arrays pycma rebuilds at the next ask: ~1 MB at popsize 5,000, left out of
+checkpoints (a test checks that a restored strategy still continues identically)."""
+
+
 def _dump_es(es: Any) -> bytes:
     buf = io.BytesIO()
-    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(es)
+    transient = {k: es.__dict__.pop(k) for k in _TRANSIENT if k in es.__dict__}
+    try:
+        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(es)
+    finally:
+        es.__dict__.update(transient)
     return buf.getvalue()
 
 
@@ -165,6 +174,7 @@ class CMAES:
         self._pending: list[np.ndarray[Any, Any]] | None = None
         self._n_asked = 0
         self._before_ask: tuple[bytes, _RngState | None] | None = None
+        self._dumped: bytes | None = None  # dump of the es since the last tell(), made by state()
 
     @contextmanager
     def _own_global_rng(self) -> Iterator[None]:
@@ -206,7 +216,9 @@ class CMAES:
         if self._es is None:
             self._start(n)
         es = self._es
-        self._before_ask = (_dump_es(es), self._rng)
+        # The snapshot a mid-cycle state() needs; after tell() + state() it is already made.
+        self._before_ask = (self._dumped or _dump_es(es), self._rng)
+        self._dumped = None
         with self._own_global_rng():
             X = es.ask() if n <= es.popsize else es.ask(n)
         self._pending = list(X)
@@ -227,6 +239,7 @@ class CMAES:
         self._pending = None
         self._n_asked = 0
         self._before_ask = None
+        self._dumped = None
 
     def state(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot; see the module docstring for its fields."""
@@ -235,7 +248,9 @@ class CMAES:
             es_bytes, rng = self._before_ask
             pending: list[list[float]] | None = [np.asarray(x, dtype=float).tolist() for x in self._pending]
         else:
-            es_bytes = None if self._es is None else _dump_es(self._es)
+            if self._es is not None and self._dumped is None:
+                self._dumped = _dump_es(self._es)
+            es_bytes = self._dumped
             rng, pending = self._rng, None
         return {
             "seed": self._seed,
