@@ -372,11 +372,11 @@ def flow_runs(address: str, home: Path, redis_url: str, cycles: int) -> dict[str
     )
     for name in ("IRE_DATABASE_URL", "IRE_DATABASE_REPLICA_URL", "IRE_DASK_ADDRESS"):
         os.environ.pop(name, None)
-    from flows.refine import refine
+    from flows.refine import run_refine
 
     def timed(job_id: str, spec: Any) -> tuple[float, dict[str, Any]]:
         start = time.perf_counter()
-        result = refine(spec=spec, job_id=job_id, dask_address=address)
+        result = run_refine(spec=spec, job_id=job_id, dask_address=address)
         return time.perf_counter() - start, result
 
     log("flow: warm-up run")

@@ -152,10 +152,16 @@ def resume_job(store: JobStore, job_id: str) -> Job:
 
 
 class CycleCommitter:
-    """Writes cycles to the store on a background thread, one commit in flight at most."""
+    """Writes cycles to the store on a background thread, one commit in flight at most.
+
+    A queued commit is held until :meth:`release`, which the loop calls when the next cycle's
+    evaluations go out: the commit's Python work (thousands of rows) then runs while the loop's
+    thread waits on Dask with the GIL released, not while it is busy proposing or telling.
+    """
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
+        self._held: Callable[[], None] | None = None
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="cycle-committer", daemon=True)
@@ -176,8 +182,16 @@ class CycleCommitter:
             raise self._error
 
     def submit(self, commit: Callable[[], None]) -> None:
+        """Hold ``commit`` until the next :meth:`release` (a held one is released first)."""
+        self.release()
+        self._held = commit
+
+    def release(self) -> None:
+        """Start writing the held commit, if any, on the background thread."""
         self.check()
-        self._queue.put(commit)
+        if self._held is not None:
+            commit, self._held = self._held, None
+            self._queue.put(commit)
 
     def commit_cycle(
         self,
@@ -193,6 +207,7 @@ class CycleCommitter:
 
     def flush(self) -> None:
         """Wait until every submitted commit is written; raise the first commit error."""
+        self.release()
         self._queue.join()
         self.check()
 
@@ -307,6 +322,7 @@ def run_job(
             started = time.perf_counter()
             n = next_batch_size(job.spec, job.progress)
             candidates = stages("propose", cycle_no, propose, job, n)
+            committer.release()  # write the last cycle while this one evaluates
             evaluations = stages("evaluate", cycle_no, evaluate, job, executor, candidates)
             cycle = stages(
                 "record",

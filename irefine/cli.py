@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -171,12 +172,18 @@ def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
     """Run the job's flow in this process with a progress bar; map the outcome to an exit code."""
     from engine.core import JobFailedError
 
+    prepared = _start_local_cluster(args)  # overlaps the cluster's start with Prefect's import
     view = ProgressView(spec, job_id, enabled=not args.quiet)
     try:
-        from flows.refine import cycle_listeners, refine
+        from flows.refine import LocalHooks, run_refine
 
-        with view, cycle_listeners(view):
-            result = refine(job_id=job_id, executor=args.executor, dask_address=args.dask_address)
+        with view:
+            result = run_refine(
+                LocalHooks(listeners=(view,), executor=prepared),
+                job_id=job_id,
+                executor=args.executor,
+                dask_address=args.dask_address,
+            )
     except KeyboardInterrupt:
         view.console.print(f"interrupted: resume with `irefine resume {job_id}`")
         return EXIT_INTERRUPTED
@@ -186,9 +193,38 @@ def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
     except Exception as exc:
         view.console.print(f"[red]job {job_id} failed:[/red] {type(exc).__name__}: {exc}")
         return EXIT_FAILED
+    finally:
+        if prepared is not None:
+            _close_prepared(prepared)
     if not args.quiet:
         _summary(view.console, result)
     return EXIT_OK
+
+
+def _start_local_cluster(args: argparse.Namespace) -> Any:
+    """Start the default LocalCluster on a thread, or return None when another executor is used."""
+    if args.executor != "dask" or args.dask_address:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.settings import load_settings
+
+    settings = load_settings()
+    if settings.dask_address:
+        return None
+    from engine.execution.dask import DaskExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dask-start")
+    prepared = pool.submit(DaskExecutor.start, None, settings.dask_workers)
+    pool.shutdown(wait=False)
+    return prepared
+
+
+def _close_prepared(prepared: Any) -> None:
+    try:
+        prepared.result().close()
+    except Exception as exc:  # the cluster failed to start: the flow has reported that already
+        logging.getLogger("irefine").warning("could not stop the local Dask cluster: %s", exc)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
