@@ -424,7 +424,7 @@ def main() -> None:
         redis_server = stack.enter_context(RedisServer())
         log(f"Redis at {redis_server.url}; starting the Dask cluster")
         cluster = stack.enter_context(
-            LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+            LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
         )
         address = str(cluster.scheduler_address)
         store = JobStore(f"sqlite:///{tmp / 'bench.db'}")

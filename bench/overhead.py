@@ -378,7 +378,7 @@ def services() -> Iterator[tuple[Any, str]]:
 
         log("starting the Dask cluster")
         cluster = stack.enter_context(
-            LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None)
+            LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
         )
         client = stack.enter_context(Client(cluster))
         yield client, str(cluster.scheduler_address)

@@ -42,6 +42,9 @@ def _quiet_prefect() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         # The ephemeral API server logs cancelled work as errors when it stops at exit.
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+        # Its first start migrates a new database: 20 s (Prefect's default wait) is not enough
+        # on a small, busy machine.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Modules given as module:attr resolve from the working directory, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -53,7 +53,7 @@ def dask_cluster():
     """A real process LocalCluster of two single-threaded workers, shared by the session."""
     from distributed import LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     yield cluster
     cluster.close()
 

@@ -59,7 +59,7 @@ def test_vectorised_batch_equals_one_by_one(dask_address: str) -> None:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_cycle_does_not_fail_the_cycle() -> None:
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     executor = DaskExecutor.start(cluster.scheduler_address)
     try:
         ref = ProblemRef("tests.problems_for_tests:WorkerPid", {})

@@ -36,10 +36,14 @@ class Candidate(dict[str, Any]):
 
 def canonical_json(params: dict[str, Any]) -> bytes:
     """Canonical JSON of a parameter mapping: sorted keys, shortest round-trip floats, no spaces."""
-    for v in params.values():
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"parameter value {v!r} is not finite")
-    return orjson.dumps(params, option=_SORTED)
+    raw = orjson.dumps(params, option=_SORTED)
+    # orjson writes NaN and infinities as null; look at the values only when a null shows up (a
+    # loop over every value cost more than the serialisation itself).
+    if b"null" in raw:
+        bad = [v for v in params.values() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"parameter value {bad[0]!r} is not finite")
+    return raw
 
 
 def fingerprint(params: dict[str, Any]) -> str:

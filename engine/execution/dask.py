@@ -42,7 +42,8 @@ class DaskExecutor:
             "n_workers": n,
             "threads_per_worker": 1,
             "processes": True,
-            "dashboard_address": None,
+            # Any free port: a fixed :8787 clashes (with a warning) when two clusters run here.
+            "dashboard_address": ":0",
         }
         kwargs.update(cluster_kwargs)
         cluster = LocalCluster(**kwargs)
