@@ -11,10 +11,11 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 from prefect.tasks import Task, exponential_backoff
@@ -23,6 +24,7 @@ from prefect.utilities.annotations import quote
 from engine.cache import CacheConfig
 from engine.core import JobSpec, SpecError, TransientError
 from engine.execution import Executor, InProcessExecutor
+from engine.problems import describe_problem, load_problem
 from engine.runner import CycleListener, create_job, resume_job, run_job
 from engine.settings import load_settings
 from engine.store import JobStatus, JobStore
@@ -96,6 +98,21 @@ _stage_tasks: dict[str, Task[[str, int, Callable[..., Any], tuple[Any, ...]], _O
 }
 
 
+@task(
+    name="describe-problem",
+    task_run_name="describe-problem",
+    # Inputs and code only (Prefect's default policy adds the run id and never hits across runs):
+    # every later run of the same problem reads this from result storage instead of loading it.
+    cache_policy=INPUTS + TASK_SOURCE,
+    cache_expiration=timedelta(days=7),
+    persist_result=True,
+    result_serializer="json",
+)
+def describe(problem: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What the job refines: the problem's class, version, direction and search space."""
+    return describe_problem(load_problem(problem, params))
+
+
 def prefect_stage(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
     """Run one cycle stage as a tracked Prefect task (arguments quoted: Prefect must not walk them)."""
     boxed: _Opaque = _stage_tasks[stage](stage, cycle, fn, quote(args))
@@ -153,6 +170,8 @@ def refine(
         else:
             raise SpecError("give a job spec to start a job, or a job_id to resume one")
         store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=str(flow_run.get_id() or "") or None)
+        describe_task = describe.with_options(result_storage=settings.result_storage or None)
+        problem = describe_task(job.spec.problem, dict(job.spec.problem_params))
         logger.info(
             "job %s: %s with %s, from cycle %d",
             job.job_id,
@@ -177,6 +196,6 @@ def refine(
             result.stop_reason,
             result.progress.best_score,
         )
-        return result.to_dict()
+        return {**result.to_dict(), "problem": problem}
     finally:
         store.close()
