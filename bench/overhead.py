@@ -171,7 +171,8 @@ def stage_clock() -> Iterator[dict[str, float]]:
 
 
 def run_engine(case: Case, seed: int, cycles: int, dask_address: str) -> Run:
-    """The same job as one ``refine`` flow run; timed from the call to its return."""
+    """The same job as one ``refine`` flow run, called as the CLI calls it (``run_refine``: Prefect's
+    flow heartbeat off); timed from the call to its return."""
     from engine.core import JobSpec
     from engine.settings import load_settings
     from engine.store import JobStore
@@ -353,7 +354,8 @@ def measure_first_cycle(reps: int, dask_address: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def services() -> Iterator[tuple[Any, str]]:
-    """A Prefect server on a private PostgreSQL, a fresh IRE_HOME and a 2-worker Dask cluster.
+    """A Prefect server on a private PostgreSQL, fresh IRE_HOME and PREFECT_HOME, and a 2-worker
+    Dask cluster.
 
     Yields ``(client, scheduler_address)``; everything is stopped and removed on exit.
     """
@@ -363,6 +365,9 @@ def services() -> Iterator[tuple[Any, str]]:
     with contextlib.ExitStack() as stack:
         ire_home = stack.enter_context(tempfile.TemporaryDirectory(prefix="ire-bench-home-"))
         os.environ["IRE_HOME"] = ire_home
+        # Prefect's local files (result storage of the describe-problem task) go here, not to ~.
+        prefect_home = stack.enter_context(tempfile.TemporaryDirectory(prefix="ire-bench-prefect-home-"))
+        os.environ["PREFECT_HOME"] = prefect_home
         for name in ("IRE_DATABASE_URL", "IRE_DATABASE_REPLICA_URL", "IRE_DASK_ADDRESS"):
             os.environ.pop(name, None)
         log("starting PostgreSQL and the Prefect server")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
-from engine.cache import CacheConfig, InferenceCache, cache_key, process_cache
+from engine.cache import CacheConfig, InferenceCache, key_prefix, process_cache
 from engine.core import (
     Candidate,
     CycleRecord,
@@ -86,9 +86,10 @@ class Job:
         return self.cache is not None and self.spec.cache != "off"
 
     def cache_keys(self, candidates: Sequence[Candidate]) -> list[str]:
+        """The cache key of each candidate (``key_prefix`` + fingerprint, as ``cache_key`` builds it)."""
         assert self.cache is not None
-        ns, name, version = self.cache.namespace, self.spec.problem, problem_version(self.problem)
-        return [cache_key(ns, name, version, fingerprint(c)) for c in candidates]
+        prefix = key_prefix(self.cache.namespace, self.spec.problem, problem_version(self.problem))
+        return [prefix + fingerprint(c) for c in candidates]
 
     @property
     def maximize(self) -> bool:
