@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.core.problem import Direction
 from engine.core.space import Dimension, Float
-from engine.problems.loader import param_error
+from engine.problems.loader import BuiltFromParams, param_error
 
 __all__ = ["Ackley", "Benchmark", "Rastrigin", "Rosenbrock", "Sphere", "busy_wait"]
 
@@ -35,7 +35,7 @@ def busy_wait(ms: float) -> None:
         pass
 
 
-class Benchmark:
+class Benchmark(BuiltFromParams):
     """Base of the benchmark functions: a box in ``dim`` dimensions and a vectorised function."""
 
     name: ClassVar[str] = "benchmark"
@@ -64,13 +64,6 @@ class Benchmark:
         self.space: Mapping[str, Dimension] = dict.fromkeys(self.names, bound)
         self._getter = itemgetter(*self.names)
 
-    # -- pickling: only the constructor params travel; the space is rebuilt on arrival.
-    def __getstate__(self) -> dict[str, Any]:
-        return self.params
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)  # type: ignore[misc]
-
     @property
     def params(self) -> dict[str, Any]:
         """The constructor parameters, enough to rebuild this problem."""
@@ -80,10 +73,6 @@ class Benchmark:
             "fail_share": self.fail_share,
             "version": self.version,
         }
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({args})"
 
     @staticmethod
     def function(x: np.ndarray) -> np.ndarray:

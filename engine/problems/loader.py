@@ -243,3 +243,23 @@ def _coerce_basic(value: Any, kind: type, problem: str, param: str) -> Any:
             return float(value)
         return value
     return value
+
+
+class BuiltFromParams:
+    """Base of the built-in problems: rebuilt from their constructor ``params`` when unpickled
+    (only those travel to Dask workers; data and derived state are rebuilt there) and shown by
+    them in ``repr``. Subclasses define ``params``."""
+
+    @property
+    def params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.params
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"

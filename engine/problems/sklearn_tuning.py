@@ -20,7 +20,7 @@ import numpy as np
 from engine.core.evaluation import Evaluation
 from engine.core.problem import Direction
 from engine.core.space import Choice, Dimension, Float, Int
-from engine.problems.loader import param_error
+from engine.problems.loader import BuiltFromParams, param_error
 
 __all__ = [
     "DATASETS",
@@ -60,7 +60,7 @@ def dataset_checksum(name: str) -> str:
     return h.hexdigest()
 
 
-class SklearnTuning:
+class SklearnTuning(BuiltFromParams):
     """Base of the tuning problems: cross-validated ``scoring`` of an estimator on a dataset."""
 
     name: ClassVar[str] = "sklearn"
@@ -102,13 +102,6 @@ class SklearnTuning:
         self.user_version = version
         self._version: str | None = None
 
-    # -- pickling: only the constructor params travel; data and derived state are rebuilt.
-    def __getstate__(self) -> dict[str, Any]:
-        return self.params
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)  # type: ignore[misc]
-
     @property
     def params(self) -> dict[str, Any]:
         """The constructor parameters, enough to rebuild this problem."""
@@ -119,10 +112,6 @@ class SklearnTuning:
             "seed": self.seed,
             "version": self.user_version,
         }
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({args})"
 
     @property
     def version(self) -> str:
