@@ -10,8 +10,8 @@ Then ``irefine run`` is timed from launch to its first committed cycle, with the
 running and with the embedded (ephemeral) Prefect API. The last line on stdout is one JSON object;
 progress goes to stderr. Run from the repository root::
 
-    .venv/bin/python bench/overhead.py            # 3 repetitions, a few minutes
-    .venv/bin/python bench/overhead.py --quick    # 1 repetition, fewer cycles
+    .venv/bin/python bench/overhead.py            # 3 repetitions, ~12 minutes
+    .venv/bin/python bench/overhead.py --quick    # 1 repetition, fewer cycles, ~2 minutes
 """
 
 from __future__ import annotations

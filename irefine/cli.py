@@ -430,6 +430,38 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_setup(args: argparse.Namespace) -> int:
+    """Create or update the work pools, queues and limits on the Prefect server (idempotent)."""
+    import asyncio
+
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise BadInput(
+            "setup needs a Prefect server: start `prefect server start` and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    from deployments.setup import run_setup
+
+    try:
+        report = asyncio.run(
+            run_setup(
+                aks_pool=None if args.no_aks else "irefine-aks",
+                job_limit=args.job_limit,
+                evaluation_limit=args.evaluation_limit,
+                submission_rate=args.submission_rate,
+            )
+        )
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    except Exception as exc:
+        print(f"irefine: setup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for item in report.items:
+        print(item.line())
+    return EXIT_OK
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
@@ -505,6 +537,34 @@ def make_parser() -> argparse.ArgumentParser:
     clear.add_argument("--problem", help="only this problem's entries (name or module:attr)")
     clear.add_argument("--version", help="only this version of --problem")
     clear.set_defaults(func=cmd_cache_clear)
+
+    setup = sub.add_parser(
+        "setup",
+        help="create the work pools, queues and concurrency limits on the Prefect server",
+        description="Create or update, on the server of PREFECT_API_URL, the process pool irefine-local "
+        "and the kubernetes pool irefine-aks, each with queues critical/high/normal/low (priorities "
+        "1-4), and the global limits irefine-running-jobs, irefine-evaluations and the rate limit "
+        "irefine-submissions. Idempotent: a second run reports everything unchanged.",
+    )
+    setup.add_argument("--no-aks", action="store_true", help="skip the kubernetes pool irefine-aks")
+    setup.add_argument(
+        "--job-limit", type=int, default=4, metavar="N", help="jobs running at once (default 4)"
+    )
+    setup.add_argument(
+        "--evaluation-limit",
+        type=int,
+        default=64,
+        metavar="N",
+        help="evaluation slots in flight (default 64)",
+    )
+    setup.add_argument(
+        "--submission-rate",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="job submissions a second (default 1.0)",
+    )
+    setup.set_defaults(func=cmd_setup)
 
     sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
     sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)

@@ -47,6 +47,7 @@ def job_rows(env: dict[str, str]) -> list[tuple]:
         ["cache"],
         ["cache", "stats"],
         ["cache", "clear"],
+        ["setup"],
     ],
 )
 def test_every_command_has_help(command: list[str], ire_env) -> None:

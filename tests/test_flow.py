@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
@@ -103,7 +104,9 @@ def test_problem_description_is_persisted_and_reused_across_runs(
 ) -> None:
     from flows.refine import refine
 
-    params = {"dim": 3, "version": f"persist-{storage}"}  # a fresh cache key for this test
+    # A cache key of this test run's own: local results outlive the run (under ~/.prefect).
+    version = f"persist-{storage}-{uuid.uuid4().hex[:8]}"
+    params = {"dim": 3, "version": version}
     if storage == "redis":
         import redis
         from prefect_redis import RedisDatabase
@@ -117,7 +120,7 @@ def test_problem_description_is_persisted_and_reused_across_runs(
                               "batch_size": 4, "max_evaluations": 8})  # fmt: skip
         state = refine(spec=spec, job_id=f"persist-{storage}-{i}", executor="local", return_state=True)
         assert state.is_completed()
-        assert state.result()["problem"]["version"] == f"persist-{storage}"
+        assert state.result()["problem"]["version"] == version
         runs.append(_task_states(state.state_details.flow_run_id))
     assert runs[0]["describe-problem"] == "Completed"
     assert runs[1]["describe-problem"] == "Cached"
