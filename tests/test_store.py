@@ -323,14 +323,10 @@ def test_constraint_violation_writes_nothing(store: JobStore, monkeypatch: pytes
     p1 = commit(store, "j", Progress(), 1)
     before = snapshot(store, "j")
 
-    real_rows = job_store_module._evaluation_rows
+    def no_batch(*args: Any) -> None:
+        return None  # the batch's data column is NOT NULL
 
-    def rows_with_a_null_param(*args: Any) -> list[tuple[Any, ...]]:
-        rows = real_rows(*args)
-        rows[-1] = (*rows[-1][:4], None, *rows[-1][5:])  # params is NOT NULL
-        return rows
-
-    monkeypatch.setattr(job_store_module, "_evaluation_rows", rows_with_a_null_param)
+    monkeypatch.setattr(job_store_module, "_evaluation_batch", no_batch)
     with pytest.raises(StoreError, match="cannot"):
         commit(store, "j", p1, 2)
     assert snapshot(store, "j") == before

@@ -44,7 +44,7 @@ from engine.core.cycle import CycleRecord, Progress
 from engine.core.errors import EngineError, JobExistsError, JobNotFoundError, SpecError, TransientError
 from engine.core.evaluation import Evaluation, Status
 from engine.core.spec import JobSpec
-from engine.store.tables import CHECKPOINTS, CYCLES, EVALUATIONS, JOBS, STORE_TABLES
+from engine.store.tables import CHECKPOINTS, CYCLES, EVALUATION_BATCHES, JOBS, STORE_TABLES
 
 if TYPE_CHECKING:
     from engine.settings import Settings
@@ -65,15 +65,6 @@ _MAX_JOB_ID = 200
 _SQLITE_BUSY_MS = 30_000
 # Serialises CREATE TABLE across processes starting against a fresh PostgreSQL database.
 _PG_SCHEMA_LOCK = 0x1EF1_0001
-_EVALUATION_COLUMNS = (
-    "job_id", "cycle", "position", "fingerprint", "params", "score", "status", "error", "duration", "metrics",
-)  # fmt: skip
-_SQLITE_INSERT_EVALUATIONS = (
-    f"INSERT INTO evaluations ({', '.join(_EVALUATION_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_EVALUATION_COLUMNS))})"
-)
-_PG_COPY_EVALUATIONS = f"COPY evaluations ({', '.join(_EVALUATION_COLUMNS)}) FROM STDIN"
-
 
 class StoreError(EngineError):
     """The database refused or failed an operation; the message says which, in one line."""
@@ -299,7 +290,7 @@ class JobStore:
     def delete_job(self, job_id: str) -> None:
         """Delete the job and everything stored for it; raise :class:`JobNotFoundError` if absent."""
         with self._errors(f"cannot delete job {job_id!r}"), self._primary.begin() as conn:
-            for table in (EVALUATIONS, CYCLES, CHECKPOINTS):
+            for table in (EVALUATION_BATCHES, CYCLES, CHECKPOINTS):
                 conn.execute(delete(table).where(table.c.job_id == job_id))
             if conn.execute(delete(JOBS).where(JOBS.c.id == job_id)).rowcount == 0:
                 raise _not_found(job_id)
@@ -326,7 +317,8 @@ class JobStore:
             raise ValueError(f"{len(candidates)} candidates but {len(evaluations)} evaluations")
         cycle = record.cycle
         # Serialise everything before the transaction opens, so that it holds its locks briefly.
-        rows = _evaluation_rows(job_id, cycle, candidates, evaluations)
+        batch = {"job_id": job_id, "cycle": cycle, "count": len(candidates),
+                 "data": _evaluation_batch(candidates, evaluations)}  # fmt: skip
         state_json = _dumps(checkpoint_state, "checkpoint state")
         metrics_json = None if metrics is None else _dumps(metrics, "cycle metrics")
         best_json = (
@@ -367,7 +359,7 @@ class JobStore:
                 conn.execute(insert(CYCLES), cycle_row)
             except IntegrityError:
                 raise StoreError(f"cycle {cycle} of job {job_id!r} is already committed") from None
-            self._insert_evaluations(conn, rows)
+            conn.execute(insert(EVALUATION_BATCHES), batch)
             self._upsert_checkpoint(conn, job_id, cycle, state_json, now)
 
     def last_checkpoint(self, job_id: str) -> Checkpoint | None:
@@ -405,27 +397,17 @@ class JobStore:
         self, job_id: str, cycle: int | None = None, *, fresh: bool = False
     ) -> list[StoredEvaluation]:
         """The job's evaluations (of one cycle, or all) in commit order, from the replica unless ``fresh``."""
-        t = EVALUATIONS
-        stmt = select(
-            t.c.cycle, t.c.position, t.c.fingerprint, t.c.params, t.c.score, t.c.status, t.c.error,
-            t.c.duration, t.c.metrics,
-        ).where(t.c.job_id == job_id)  # fmt: skip
+        t = EVALUATION_BATCHES
+        stmt = select(t.c.cycle, t.c.data).where(t.c.job_id == job_id)
         if cycle is not None:
             stmt = stmt.where(t.c.cycle == cycle)
-        stmt = stmt.order_by(t.c.cycle, t.c.position)
-        loads = orjson.loads
+        stmt = stmt.order_by(t.c.cycle)
         with (
             self._errors(f"cannot read the evaluations of job {job_id!r}"),
             self._reader(fresh).connect() as conn,
         ):
             rows = conn.execute(stmt).all()
-        return [
-            StoredEvaluation(
-                cycle=c, position=p, fingerprint=f, params=loads(params), score=score, status=Status(status),
-                error=error, duration=duration, metrics={} if metrics is None else loads(metrics),
-            )
-            for c, p, f, params, score, status, error, duration, metrics in rows
-        ]  # fmt: skip
+        return [ev for c, data in rows for ev in _stored_evaluations(c, data)]
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -453,22 +435,6 @@ class JobStore:
         with self._errors(what), self._primary.begin() as conn:
             if conn.execute(update(JOBS).where(JOBS.c.id == job_id), values).rowcount == 0:
                 raise _not_found(job_id)
-
-    def _insert_evaluations(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-        # The hot path: thousands of rows a cycle. PostgreSQL takes them by COPY; SQLite by one
-        # executemany of driver SQL, which skips SQLAlchemy's per-row parameter processing.
-        if not rows:
-            return
-        if conn.dialect.name == "postgresql":
-            driver_conn: Any = conn.connection.driver_connection  # psycopg.Connection, in this transaction
-            try:
-                with driver_conn.cursor() as cur, cur.copy(_PG_COPY_EVALUATIONS) as copy:
-                    for row in rows:
-                        copy.write_row(row)
-            except conn.dialect.loaded_dbapi.Error as exc:
-                raise StoreError(f"cannot store the evaluations: {_first_line(str(exc))}") from exc
-        else:
-            conn.exec_driver_sql(_SQLITE_INSERT_EVALUATIONS, rows)
 
     def _upsert_checkpoint(
         self, conn: Connection, job_id: str, cycle: int, state: str, now: datetime
@@ -500,37 +466,36 @@ class JobStore:
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _evaluation_rows(
-    job_id: str, cycle: int, candidates: Sequence[Candidate], evaluations: Sequence[Evaluation]
-) -> list[tuple[Any, ...]]:
-    """Rows in the order of ``_EVALUATION_COLUMNS``.
+def _evaluation_batch(candidates: Sequence[Candidate], evaluations: Sequence[Evaluation]) -> bytes:
+    """A cycle's evaluations as one JSON document of columns (see ``EvaluationBatchRow``)."""
+    return orjson.dumps(
+        {
+            "v": 1,
+            "params": candidates,
+            "score": [None if ev.score is None else float(ev.score) for ev in evaluations],
+            "status": [ev.status.value for ev in evaluations],
+            "error": [ev.error for ev in evaluations],
+            "duration": [ev.duration for ev in evaluations],
+            "metrics": [ev.metrics for ev in evaluations],
+        },
+        option=_JSON_OPTS,
+    )
 
-    Canonical JSON is computed once per candidate and hashed as ``engine.core.fingerprint`` hashes
-    it, so the stored fingerprint equals ``fingerprint(candidate)``.
-    """
+
+def _stored_evaluations(cycle: int, data: bytes) -> list[StoredEvaluation]:
+    """Decode one cycle's batch; fingerprints are computed as ``engine.core.fingerprint`` does."""
+    doc = orjson.loads(data)
     blake2b = hashlib.blake2b
-    dumps = orjson.dumps
-    rows = []
-    for position, (candidate, ev) in enumerate(zip(candidates, evaluations, strict=True)):
-        raw = canonical_json(candidate)
-        metrics = dumps(ev.metrics, option=_JSON_OPTS).decode() if ev.metrics else None
-        score = None if ev.score is None else float(ev.score)
-        fp = blake2b(raw, digest_size=16).hexdigest()
-        rows.append(
-            (
-                job_id,
-                cycle,
-                position,
-                fp,
-                raw.decode(),
-                score,
-                ev.status.value,
-                ev.error,
-                ev.duration,
-                metrics,
-            )
+    columns = zip(doc["params"], doc["score"], doc["status"], doc["error"], doc["duration"], doc["metrics"],
+                  strict=True)  # fmt: skip
+    return [
+        StoredEvaluation(
+            cycle=cycle, position=i, fingerprint=blake2b(canonical_json(params), digest_size=16).hexdigest(),
+            params=params, score=score, status=Status(status), error=error, duration=duration,
+            metrics=metrics or {},
         )
-    return rows
+        for i, (params, score, status, error, duration, metrics) in enumerate(columns)
+    ]  # fmt: skip
 
 
 def _make_engine(url: str, label: str) -> Engine:

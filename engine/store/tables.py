@@ -1,33 +1,31 @@
 """The store's tables. Rows never leave ``engine.store``: callers get the frozen values of ``job_store``.
 
 JSON columns are plain text written by orjson (the same bytes on SQLite and PostgreSQL); times are
-UTC. ``cycles`` and ``checkpoints`` reference ``jobs`` with ``ON DELETE CASCADE`` (SQLite enforces
-it: the store turns ``PRAGMA foreign_keys`` on); ``evaluations`` does not, for speed.
-:meth:`JobStore.delete_job` deletes the rows of all three explicitly.
+UTC. ``cycles``, ``evaluation_batches`` and ``checkpoints`` reference ``jobs`` with ``ON DELETE
+CASCADE`` (SQLite enforces it: the store turns ``PRAGMA foreign_keys`` on);
+:meth:`JobStore.delete_job` also deletes their rows explicitly.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, Table, Text
+from sqlalchemy import DateTime, LargeBinary, Table, Text
 from sqlmodel import Field, SQLModel
 
 __all__ = [
     "CheckpointRow",
     "CycleRow",
-    "EvaluationRow",
+    "EvaluationBatchRow",
     "JobRow",
     "CHECKPOINTS",
     "CYCLES",
-    "EVALUATIONS",
+    "EVALUATION_BATCHES",
     "JOBS",
     "STORE_TABLES",
 ]
 
 _TS = DateTime(timezone=True)
-# SQLite only auto-increments an ``INTEGER PRIMARY KEY``; elsewhere the id may outgrow 32 bits.
-_ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class JobRow(SQLModel, table=True):
@@ -72,27 +70,21 @@ class CycleRow(SQLModel, table=True):
     metrics: str | None = Field(default=None, sa_type=Text)
 
 
-class EvaluationRow(SQLModel, table=True):
-    """One evaluated candidate; ``position`` is its index within the cycle's batch."""
+class EvaluationBatchRow(SQLModel, table=True):
+    """A cycle's evaluations as one JSON document of columns (``params``, ``score``, ``status``,
+    ``error``, ``duration``, ``metrics``, each a list in candidate order).
 
-    __tablename__ = "evaluations"
-    __table_args__ = (Index("ix_evaluations_job_cycle", "job_id", "cycle"),)
+    One row a cycle rather than one an evaluation: 5,000 cheap evaluations then cost one ~5 ms
+    serialisation on the flow process, where rows cost ~35 ms of per-row work that competed with
+    the Dask client for the GIL (bench/overhead.py). Fingerprints are derived when read.
+    """
 
-    id: int | None = Field(default=None, primary_key=True, sa_type=_ROW_ID)
-    # No foreign key here: the per-row check cost PostgreSQL ~40% of a 5,000-row commit. Rows are
-    # only written by JobStore.commit_cycle, in the transaction that updates (and locks) the job.
-    job_id: str = Field(max_length=200)
-    cycle: int
-    position: int
-    # Not indexed: look-ups by fingerprint go to the inference cache, and a random-key index made
-    # commits of 5,000 evaluations grow from ~40 to ~100 ms as the table reached 500k rows.
-    fingerprint: str = Field(max_length=32)
-    params: str = Field(sa_type=Text)
-    score: float | None = None
-    status: str = Field(max_length=16)
-    error: str | None = Field(default=None, sa_type=Text)
-    duration: float = 0.0
-    metrics: str | None = Field(default=None, sa_type=Text)
+    __tablename__ = "evaluation_batches"
+
+    job_id: str = Field(primary_key=True, max_length=200, foreign_key="jobs.id", ondelete="CASCADE")
+    cycle: int = Field(primary_key=True)
+    count: int
+    data: bytes = Field(sa_type=LargeBinary)
 
 
 class CheckpointRow(SQLModel, table=True):
@@ -108,8 +100,8 @@ class CheckpointRow(SQLModel, table=True):
 
 JOBS: Table = SQLModel.metadata.tables["jobs"]
 CYCLES: Table = SQLModel.metadata.tables["cycles"]
-EVALUATIONS: Table = SQLModel.metadata.tables["evaluations"]
+EVALUATION_BATCHES: Table = SQLModel.metadata.tables["evaluation_batches"]
 CHECKPOINTS: Table = SQLModel.metadata.tables["checkpoints"]
 
 #: The tables :class:`~engine.store.JobStore` creates, parents first.
-STORE_TABLES: tuple[Table, ...] = (JOBS, CYCLES, EVALUATIONS, CHECKPOINTS)
+STORE_TABLES: tuple[Table, ...] = (JOBS, CYCLES, EVALUATION_BATCHES, CHECKPOINTS)
