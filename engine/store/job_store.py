@@ -66,6 +66,7 @@ _SQLITE_BUSY_MS = 30_000
 # Serialises CREATE TABLE across processes starting against a fresh PostgreSQL database.
 _PG_SCHEMA_LOCK = 0x1EF1_0001
 
+
 class StoreError(EngineError):
     """The database refused or failed an operation; the message says which, in one line."""
 
