@@ -96,6 +96,10 @@ class EmbeddedCache:
         self._default_ttl = check_ttl(default_ttl_seconds, DEFAULT_TTL_SECONDS)
         self._max_entries = _check_bound(max_entries, "max_entries")
         self._max_bytes = _check_bound(max_bytes, "max_bytes")
+        self._check_every = (
+            1 if self._max_bytes is not None or not self._max_entries else max(1, self._max_entries // 100)
+        )
+        self._written_since_check = 0
         self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
@@ -186,7 +190,7 @@ class EmbeddedCache:
                 conn = self._connection()
                 with self._transaction(conn):
                     conn.executemany(_UPSERT, rows)
-                    self._enforce_bounds(conn, now)
+                    self._enforce_bounds(conn, now, len(items))
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc)
                 self._unwritten += len(items)
@@ -300,11 +304,17 @@ class EmbeddedCache:
         except sqlite3.Error as exc:  # the hits are valid; only their LRU position is not refreshed
             log.debug("inference cache: could not refresh last use in %s: %s", self._path, exc)
 
-    def _enforce_bounds(self, conn: sqlite3.Connection, now: float) -> None:
+    def _enforce_bounds(self, conn: sqlite3.Connection, now: float, written: int) -> None:
         """Purge expired entries now and then, and evict LRU entries down to 90 % of a bound."""
         if now - self._last_purge > _PURGE_EVERY:
             conn.execute("DELETE FROM entries WHERE expires_at <= ?", (now,))
             self._last_purge = now
+        # count(*) and sum(size) scan the whole table: check the bounds once ~1% of a bound has
+        # been written by this process, not on every write (a bound may overshoot by that much).
+        self._written_since_check += written
+        if self._written_since_check < self._check_every:
+            return
+        self._written_since_check = 0
         if self._max_entries is not None:
             (count,) = conn.execute("SELECT count(*) FROM entries").fetchone()
             if count > self._max_entries:
