@@ -28,6 +28,7 @@ SPEC_FLAGS = {
     "seed": int,
     "max_failure_share": float,
     "shard_size": int,
+    "cache": str,
 }
 
 
@@ -508,6 +509,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--shard-size", type=int, help="candidates per Dask task (default: one shard per worker)"
+    )
+    run.add_argument(
+        "--cache",
+        choices=["auto", "on", "off"],
+        help="inference cache (default auto: off for sub-ms evaluations)",
     )
     run.add_argument("--job-id", help="id for the new job (default: a fresh one)")
     _add_run_flags(run)
