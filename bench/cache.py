@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,36 +335,6 @@ def lookup_runs(redis_url: str, home: Path, reps: int) -> dict[str, Any]:
 # -- the same pair through the Prefect flow -------------------------------------------------------
 
 
-@contextlib.contextmanager
-def prefect_services() -> Iterator[None]:
-    """PostgreSQL and a Prefect server; PREFECT_API_URL is set before prefect is imported."""
-    from tests.prefect_server import PrefectServer
-    from tests.services import PostgresServer
-
-    if "prefect" in sys.modules:
-        raise RuntimeError("prefect was imported before its API URL was set")
-    with contextlib.ExitStack() as stack:
-        log("starting PostgreSQL and the Prefect server")
-        postgres = stack.enter_context(PostgresServer())
-        server = PrefectServer(postgres.new_database())
-        stack.callback(server.close)
-        os.environ["PREFECT_API_URL"] = server.url
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        stack.callback(drain_prefect)
-        yield
-
-
-def drain_prefect() -> None:
-    """Send buffered run logs and events while the server is still up."""
-    if "prefect" not in sys.modules:
-        return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=15)
-    EventsWorker.drain_all(timeout=15)
-
-
 def flow_runs(address: str, home: Path, redis_url: str, cycles: int) -> dict[str, Any]:
     """Cold then warm ``refine`` flow runs (namespace ``bench-flow``), timed from call to return."""
     os.environ.update(
@@ -415,12 +385,14 @@ def main() -> None:
     from distributed import LocalCluster
 
     from engine.store import JobStore
+    from tests.prefect_server import prefect_api_on_postgres
     from tests.services import RedisServer
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ire-bench-cache-")))
         if not args.no_flow:
-            stack.enter_context(prefect_services())
+            log("starting PostgreSQL and the Prefect server")
+            stack.enter_context(prefect_api_on_postgres())
         redis_server = stack.enter_context(RedisServer())
         log(f"Redis at {redis_server.url}; starting the Dask cluster")
         cluster = stack.enter_context(

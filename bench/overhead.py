@@ -359,8 +359,7 @@ def services() -> Iterator[tuple[Any, str]]:
 
     Yields ``(client, scheduler_address)``; everything is stopped and removed on exit.
     """
-    from tests.prefect_server import PrefectServer
-    from tests.services import PostgresServer
+    from tests.prefect_server import prefect_api_on_postgres
 
     with contextlib.ExitStack() as stack:
         ire_home = stack.enter_context(tempfile.TemporaryDirectory(prefix="ire-bench-home-"))
@@ -371,13 +370,7 @@ def services() -> Iterator[tuple[Any, str]]:
         for name in ("IRE_DATABASE_URL", "IRE_DATABASE_REPLICA_URL", "IRE_DASK_ADDRESS"):
             os.environ.pop(name, None)
         log("starting PostgreSQL and the Prefect server")
-        postgres = stack.enter_context(PostgresServer())
-        server = PrefectServer(postgres.new_database())
-        stack.callback(server.close)
-        # Before prefect is first imported, so that its settings and client use this server.
-        os.environ["PREFECT_API_URL"] = server.url
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-        stack.callback(drain_prefect)
+        stack.enter_context(prefect_api_on_postgres())
 
         from distributed import Client, LocalCluster
 
@@ -387,18 +380,6 @@ def services() -> Iterator[tuple[Any, str]]:
         )
         client = stack.enter_context(Client(cluster))
         yield client, str(cluster.scheduler_address)
-
-
-def drain_prefect() -> None:
-    """Send buffered run logs and events while the server is up (left for exit, they retry for a
-    minute against a stopped server)."""
-    if "prefect" not in sys.modules:
-        return
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=15)
-    EventsWorker.drain_all(timeout=15)
 
 
 def main() -> None:

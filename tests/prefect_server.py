@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -80,3 +82,36 @@ class PrefectServer:
                 self.process.kill()
         self._log.close()
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def drain_prefect() -> None:
+    """Send this process's buffered run logs and events while the server is still up (left for
+    exit, they retry a stopped server for a minute)."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=15)
+    EventsWorker.drain_all(timeout=15)
+
+
+@contextlib.contextmanager
+def prefect_api_on_postgres() -> Iterator[PrefectServer]:
+    """A private PostgreSQL and a Prefect server on it, for scripts (the benchmarks).
+
+    Sets PREFECT_API_URL, which must happen before prefect is first imported; on exit drains
+    this process's logs and events, then stops both servers.
+    """
+    from tests.services import PostgresServer
+
+    if "prefect" in sys.modules:
+        raise RuntimeError("prefect was imported before its API URL was set")
+    with contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(PostgresServer())
+        server = PrefectServer(postgres.new_database())
+        stack.callback(server.close)
+        os.environ["PREFECT_API_URL"] = server.url
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        stack.callback(drain_prefect)
+        yield server

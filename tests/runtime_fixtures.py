@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.prefect_server import PrefectServer
+from tests.prefect_server import PrefectServer, drain_prefect
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +26,7 @@ def prefect_api(prefect_server: PrefectServer) -> Iterator[str]:
     os.environ["PREFECT_API_URL"] = prefect_server.url
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
         yield prefect_server.url
-        # Send buffered logs and events while the server is still up; left for exit, they retry
-        # a dead server for a minute.
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=15)
-        EventsWorker.drain_all(timeout=15)
+        drain_prefect()
     if old is None:
         os.environ.pop("PREFECT_API_URL", None)
     else:

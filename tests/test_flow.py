@@ -49,7 +49,7 @@ def test_flow_runs_each_cycle_as_three_tasks_and_stores_the_job(prefect_api, ire
             return sorted(r.name for r in runs if r.name != "describe-problem")
 
     names: list[str] = []
-    for _ in range(40):  # task runs reach the server through events: give them a moment
+    for _ in range(120):  # task runs reach the server through events: give them a moment
         names = asyncio.run(task_names())
         if len(names) >= 12:
             break
@@ -90,7 +90,7 @@ def _task_states(flow_run_id) -> dict[str, str]:
             )
             return {r.name: r.state.name for r in runs if r.state is not None}
 
-    for _ in range(40):  # task-run states reach the server through events
+    for _ in range(120):  # task-run states reach the server through events
         states = asyncio.run(read())
         if "describe-problem" in states and states["describe-problem"] in ("Completed", "Cached"):
             return states
