@@ -81,10 +81,6 @@ class Job:
     cache_config: CacheConfig | None = None
     last_cache_misses: int = 0
 
-    @property
-    def caching(self) -> bool:
-        return self.cache is not None and self.spec.cache != "off"
-
     def cache_keys(self, candidates: Sequence[Candidate]) -> list[str]:
         """The cache key of each candidate (``key_prefix`` + fingerprint, as ``cache_key`` builds it)."""
         assert self.cache is not None
@@ -230,7 +226,7 @@ def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> l
     """Stage 2: look the batch up in the cache, evaluate the distinct misses on the executor
     (the Dask fan-out happens in there; workers write each result back as it finishes), and
     return one evaluation per candidate. A repeat within the batch is paid for once."""
-    if not job.caching or job.cache is None or job.cache_config is None:
+    if job.cache is None or job.cache_config is None:  # run_job attaches it unless cache = "off"
         job.last_cache_misses = 0
         return executor.evaluate(job.ref, candidates, job.spec.shard_size)
     keys = job.cache_keys(candidates)
