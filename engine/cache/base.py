@@ -226,6 +226,25 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
+class CacheCounters:
+    """The process-local counters behind :class:`CacheStats`, shared by the adapters; thread-safe."""
+
+    _FIELDS = ("hits", "misses", "unavailable", "writes", "rejected", "unwritten")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self._FIELDS, 0)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._values[name] += delta
+
+    def stats(self, *, entries: int | None, memory_bytes: int | None, backend: str) -> CacheStats:
+        with self._lock:
+            return CacheStats(**self._values, entries=entries, memory_bytes=memory_bytes, backend=backend)
+
+
 @runtime_checkable
 class InferenceCache(Protocol):
     """A cache of evaluations keyed by :func:`cache_key`: batched, JSON-valued, with TTL and LRU.

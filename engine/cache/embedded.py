@@ -20,6 +20,7 @@ from typing import Final
 from engine.cache.base import (
     DEFAULT_NAMESPACE,
     DEFAULT_TTL_SECONDS,
+    CacheCounters,
     CacheStats,
     CacheUnavailableError,
     _decode,
@@ -107,8 +108,7 @@ class EmbeddedCache:
         self._last_purge = 0.0
         self._down = False
         self._encode_warned = [False]
-        self._hits = self._misses = self._unavailable = self._writes = self._rejected = 0
-        self._unwritten = 0
+        self._counters = CacheCounters()
 
     @property
     def namespace(self) -> str:
@@ -147,7 +147,7 @@ class EmbeddedCache:
                             expired.append(key)
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc)
-                self._unavailable += n
+                self._counters.add(unavailable=n)
                 return [None] * n
             self._succeeded()
             self._touch(conn, list(found), expired, now)
@@ -171,9 +171,7 @@ class EmbeddedCache:
             hits += ev is not None
             out.append(ev)
         with self._lock:
-            self._hits += hits
-            self._misses += n - hits
-            self._rejected += rejected
+            self._counters.add(hits=hits, misses=n - hits, rejected=rejected)
         return out
 
     def put_many(self, items: Sequence[tuple[str, Evaluation]], ttl_seconds: float | None = None) -> None:
@@ -193,11 +191,10 @@ class EmbeddedCache:
                     self._enforce_bounds(conn, now, len(items))
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc)
-                self._unwritten += len(items)
+                self._counters.add(unwritten=len(items))
                 return
             self._succeeded()
-            self._writes += len(rows)
-            self._unwritten += skipped
+            self._counters.add(writes=len(rows), unwritten=skipped)
 
     def stats(self) -> CacheStats:
         """Counters of this object, plus the file's entry count and entry bytes (key + value)."""
@@ -211,17 +208,7 @@ class EmbeddedCache:
                 self._failed(exc)
             else:
                 self._succeeded()
-            return CacheStats(
-                hits=self._hits,
-                misses=self._misses,
-                unavailable=self._unavailable,
-                writes=self._writes,
-                rejected=self._rejected,
-                entries=entries,
-                memory_bytes=memory,
-                backend="embedded",
-                unwritten=self._unwritten,
-            )
+            return self._counters.stats(entries=entries, memory_bytes=memory, backend="embedded")
 
     def clear(self, prefix: str = "") -> int:
         """Delete this namespace's entries whose key starts with ``prefix``; return how many."""

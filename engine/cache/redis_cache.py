@@ -29,6 +29,7 @@ from redis.sentinel import Sentinel
 from engine.cache.base import (
     DEFAULT_NAMESPACE,
     DEFAULT_TTL_SECONDS,
+    CacheCounters,
     CacheStats,
     CacheUnavailableError,
     _decode,
@@ -165,8 +166,7 @@ class RedisCache:
         self._policy_warned = False
         self._write_refusal_warned = False
         self._encode_warned = [False]
-        self._hits = self._misses = self._unavailable = self._writes = self._rejected = 0
-        self._unwritten = 0
+        self._counters = CacheCounters()
 
     # -- the port ---------------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ class RedisCache:
         if n == 0:
             return []
         if not self._usable():
-            self._count(unavailable=n)
+            self._counters.add(unavailable=n)
             return [None] * n
         try:
             self._check_policy()
@@ -194,7 +194,7 @@ class RedisCache:
                 raws = [raw for chunk in pipe.execute() for raw in chunk]
         except _OUTAGE_ERRORS as exc:
             self._failed(exc)
-            self._count(unavailable=n)
+            self._counters.add(unavailable=n)
             return [None] * n
         self._succeeded()
         out: list[Evaluation | None] = []
@@ -211,7 +211,7 @@ class RedisCache:
             else:
                 hits += 1
                 out.append(ev)
-        self._count(hits=hits, misses=n - hits, rejected=rejected)
+        self._counters.add(hits=hits, misses=n - hits, rejected=rejected)
         return out
 
     def put_many(self, items: Sequence[tuple[str, Evaluation]], ttl_seconds: float | None = None) -> None:
@@ -220,7 +220,7 @@ class RedisCache:
         if not items:
             return
         if not self._usable():
-            self._count(unwritten=len(items))
+            self._counters.add(unwritten=len(items))
             return
         encoded, skipped = encode_items(items, self._encode_warned)
         px = max(1, round(ttl * 1000))
@@ -240,7 +240,7 @@ class RedisCache:
                 written += pending
         except redis.ResponseError as exc:  # e.g. OOM under noeviction: the server is up but refuses
             self._succeeded()
-            self._count(writes=written, unwritten=len(encoded) - written + skipped)
+            self._counters.add(writes=written, unwritten=len(encoded) - written + skipped)
             with self._lock:
                 first, self._write_refusal_warned = not self._write_refusal_warned, True
             log.log(
@@ -252,10 +252,10 @@ class RedisCache:
             return
         except _OUTAGE_ERRORS as exc:
             self._failed(exc)
-            self._count(writes=written, unwritten=len(encoded) - written + skipped)
+            self._counters.add(writes=written, unwritten=len(encoded) - written + skipped)
             return
         self._succeeded()
-        self._count(writes=written, unwritten=skipped)
+        self._counters.add(writes=written, unwritten=skipped)
 
     def stats(self) -> CacheStats:
         """Counters of this object; ``memory_bytes`` from ``INFO memory`` when Redis is reachable."""
@@ -269,18 +269,7 @@ class RedisCache:
                 pass
             else:
                 self._succeeded()
-        with self._lock:
-            return CacheStats(
-                hits=self._hits,
-                misses=self._misses,
-                unavailable=self._unavailable,
-                writes=self._writes,
-                rejected=self._rejected,
-                entries=None,
-                memory_bytes=memory,
-                backend="redis",
-                unwritten=self._unwritten,
-            )
+        return self._counters.stats(entries=None, memory_bytes=memory, backend="redis")
 
     def clear(self, prefix: str = "") -> int:
         """Delete this namespace's keys starting with ``prefix`` (SCAN + UNLINK); return how many."""
@@ -325,11 +314,6 @@ class RedisCache:
         return f"RedisCache({self._shown_url!r}, namespace={self._namespace!r})"
 
     # -- outages ----------------------------------------------------------------------------------
-
-    def _count(self, **deltas: int) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, f"_{name}", getattr(self, f"_{name}") + delta)
 
     def _usable(self) -> bool:
         """False while in an outage and before the next retry time."""
