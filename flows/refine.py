@@ -23,12 +23,13 @@ from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import quote
 
 from engine.cache import CacheConfig
-from engine.core import JobSpec, SpecError, TransientError
+from engine.core import JobExistsError, JobNotFoundError, JobSpec, SpecError, TransientError
 from engine.execution import Executor, InProcessExecutor
 from engine.problems import describe_problem, load_problem
 from engine.runner import CycleListener, create_job, resume_job, run_job
 from engine.settings import load_settings
 from engine.store import JobStatus, JobStore
+from flows.observers import ObserverContext, Observers
 
 T = TypeVar("T")
 
@@ -141,6 +142,17 @@ def run_refine(hooks: LocalHooks | None = None, **parameters: Any) -> dict[str, 
     return result
 
 
+def _exists_with(store: JobStore, job_id: str, spec: JobSpec) -> bool:
+    """Whether ``job_id`` exists; a JobExistsError if it does with another spec."""
+    try:
+        record = store.get_job(job_id, fresh=True)
+    except JobNotFoundError:
+        return False
+    if record.spec != spec:
+        raise JobExistsError(f"job {job_id!r} exists with another spec: choose another job id")
+    return True
+
+
 def open_executor(kind: Literal["dask", "local"], dask_address: str | None) -> Executor:
     """The executor for a flow run: one Dask client for the whole run, or in-process."""
     if kind == "local":
@@ -161,20 +173,23 @@ def refine(
     """Run a refinement job to its stop rule.
 
     Give ``spec`` to start a new job (with an optional ``job_id``), or only ``job_id`` to run a
-    pending job or resume an interrupted or crashed one from its last checkpoint.
+    pending job or resume an interrupted or crashed one from its last checkpoint. Both, for a job
+    that exists with that same spec, resume it: a rerun of a crashed flow run (the resume
+    automation) continues the job instead of failing on its id.
     """
     logger = get_run_logger()
     settings = load_settings()
     store = JobStore.from_settings(settings)
     cache_config = CacheConfig.from_settings(settings)
     try:
-        if spec is not None:
+        if spec is not None and not (job_id is not None and _exists_with(store, job_id, spec)):
             job = create_job(store, spec, job_id)
         elif job_id is not None:
             job = resume_job(store, job_id)
         else:
             raise SpecError("give a job spec to start a job, or a job_id to resume one")
-        store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=str(flow_run.get_id() or "") or None)
+        run_id = str(flow_run.get_id() or "") or None
+        store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=run_id)
         describe_task = describe.with_options(result_storage=settings.result_storage or None)
         problem = describe_task(job.spec.problem, dict(job.spec.problem_params))
         logger.info(
@@ -187,11 +202,22 @@ def refine(
         hooks = _hooks.get() or LocalHooks()
         lent = hooks.executor is not None and executor == "dask" and dask_address is None
         runner = hooks.executor.result() if lent and hooks.executor else open_executor(executor, dask_address)
+        observers = Observers(job, ObserverContext(store, settings, logger, run_id))
+        error: BaseException | None = None
         try:
             result = run_job(
-                job, store, runner, stages=prefect_stage, listeners=hooks.listeners, cache=cache_config
+                job,
+                store,
+                runner,
+                stages=prefect_stage,
+                listeners=[*hooks.listeners, observers],
+                cache=cache_config,
             )
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            observers.finish(job, None if error else {**result.to_dict(), "problem": problem}, error)
             if not lent:
                 runner.close()
         logger.info(
