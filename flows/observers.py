@@ -1,6 +1,7 @@
 """Observers of a ``refine`` flow run: what watches each cycle besides the job itself.
 
-Each factory in :data:`OBSERVER_FACTORIES` is called once per flow run with the job and an
+Each factory named in :data:`OBSERVER_FACTORIES` (``"module:function"``, imported when a run starts)
+is called once per flow run with the job and an
 :class:`ObserverContext`; it returns an :class:`Observer` (or None to sit this run out). The flow
 calls every observer after each committed cycle, and ``finish`` once when the run ends, however it
 ends. Observers must be quick (they run on the loop's thread) and must never fail the job: the flow
@@ -9,12 +10,14 @@ logs and drops an observer that raises.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.core import CycleRecord
+from engine.execution import Executor
 from engine.runner import Job
 from engine.settings import Settings
 from engine.store import JobStore
@@ -22,12 +25,13 @@ from engine.store import JobStore
 
 @dataclass(frozen=True)
 class ObserverContext:
-    """What an observer may use: the run's store, settings, logger and Prefect flow run id."""
+    """What an observer may use: the run's store, settings, logger, Prefect flow run id and executor."""
 
     store: JobStore
     settings: Settings
     logger: logging.Logger | logging.LoggerAdapter[Any]
     flow_run_id: str | None
+    executor: Executor | None = None
 
 
 class Observer(Protocol):
@@ -38,8 +42,14 @@ class Observer(Protocol):
 
 ObserverFactory = Callable[[Job, ObserverContext], "Observer | None"]
 
-# Filled in by the observability modules (metrics, anomalies, artifacts), in the order they run.
-OBSERVER_FACTORIES: list[ObserverFactory] = []
+# The observability modules' factories (metrics, anomalies, artifacts), in the order they run.
+OBSERVER_FACTORIES: list[str] = []
+
+
+def load_factory(path: str) -> ObserverFactory:
+    module, _, name = path.partition(":")
+    factory: ObserverFactory = getattr(importlib.import_module(module), name)
+    return factory
 
 
 class Observers:
@@ -50,7 +60,7 @@ class Observers:
         self._observers: list[Observer] = []
         for factory in OBSERVER_FACTORIES:
             try:
-                observer = factory(job, context)
+                observer = load_factory(factory)(job, context)
             except Exception:
                 context.logger.exception("observer %s could not start; the job goes on without it", factory)
                 continue

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import quote
 
@@ -182,6 +182,10 @@ def refine(
     store = JobStore.from_settings(settings)
     cache_config = CacheConfig.from_settings(settings)
     try:
+        if spec is not None and job_id is None and deployment.get_id():
+            # A deployment run names its job after itself, so that a rerun of the same flow run
+            # (the resume-on-crash automation) finds and resumes the job instead of starting anew.
+            job_id = f"run-{flow_run.get_id()}"
         if spec is not None and not (job_id is not None and _exists_with(store, job_id, spec)):
             job = create_job(store, spec, job_id)
         elif job_id is not None:
@@ -202,7 +206,7 @@ def refine(
         hooks = _hooks.get() or LocalHooks()
         lent = hooks.executor is not None and executor == "dask" and dask_address is None
         runner = hooks.executor.result() if lent and hooks.executor else open_executor(executor, dask_address)
-        observers = Observers(job, ObserverContext(store, settings, logger, run_id))
+        observers = Observers(job, ObserverContext(store, settings, logger, run_id, runner))
         error: BaseException | None = None
         try:
             result = run_job(
