@@ -1,6 +1,7 @@
 """``irefine``: run, resume and inspect refinement jobs from the shell.
 
-Exit codes: 0 done, 1 job failed, 2 bad input (nothing written), 130 interrupted (resumable).
+Exit codes: 0 done, 1 job failed, 2 bad input (nothing written), 130 interrupted (resumable);
+`irefine submit` also exits 3 when the submission rate limit is spent and --no-wait was given.
 """
 
 from __future__ import annotations
@@ -571,6 +572,10 @@ def make_parser() -> argparse.ArgumentParser:
         help="job submissions a second (default 1.0)",
     )
     setup.set_defaults(func=cmd_setup)
+
+    from irefine.submit import add_parser as add_submit_parser
+
+    add_submit_parser(sub)
 
     sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
     sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)
