@@ -88,13 +88,27 @@ def process_base_job_template() -> dict[str, Any]:
 
 
 async def ensure_work_pool(
-    client: PrefectClient, report: SetupReport, name: str, pool_type: str, template: dict[str, Any]
+    client: PrefectClient,
+    report: SetupReport,
+    name: str,
+    pool_type: str,
+    template: dict[str, Any],
+    concurrency_limit: int | None = None,
 ) -> None:
-    """Create the pool with ``template``, or bring its template back to it. The type cannot change."""
+    """Create the pool with ``template`` and ``concurrency_limit``, or bring it back to them. The
+    type cannot change.
+
+    The pool's limit is what makes the server hand a pool's runs out in queue-priority order
+    within the job budget; flows/refine.py's running-jobs slot is the hard cap across pools.
+    """
     try:
         pool = await client.read_work_pool(name)
     except ObjectNotFound:
-        await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+        await client.create_work_pool(
+            WorkPoolCreate(
+                name=name, type=pool_type, base_job_template=template, concurrency_limit=concurrency_limit
+            )
+        )
         report.add("work-pool", name, "created", f"type {pool_type}")
         return
     if pool.type != pool_type:
@@ -102,9 +116,14 @@ async def ensure_work_pool(
             f"work pool {name!r} exists with type {pool.type!r}, not {pool_type!r}: "
             f"delete it (`prefect work-pool delete {name}`) or choose another name"
         )
+    changes: dict[str, Any] = {}
     if pool.base_job_template != template:
-        await client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
-        report.add("work-pool", name, "updated", "base job template")
+        changes["base_job_template"] = template
+    if pool.concurrency_limit != concurrency_limit:
+        changes["concurrency_limit"] = concurrency_limit
+    if changes:
+        await client.update_work_pool(name, WorkPoolUpdate(**changes))
+        report.add("work-pool", name, "updated", ", ".join(c.replace("_", " ") for c in changes))
     else:
         report.add("work-pool", name, "unchanged", f"type {pool_type}")
 
@@ -180,7 +199,8 @@ async def setup_prefect(
     """Create or update the engine's Prefect objects; running it again changes nothing.
 
     - ``local_pool`` (process) and ``aks_pool`` (kubernetes, skipped when None), each with the
-      queues critical/high/normal/low (priorities 1-4 and per-queue limits from ``queues``);
+      queues critical/high/normal/low (priorities 1-4 and per-queue limits from ``queues``) and a
+      pool concurrency limit of ``job_limit``;
     - ``irefine-running-jobs``: global limit of ``job_limit`` concurrently running jobs;
     - ``irefine-evaluations``: global limit of ``evaluation_limit`` evaluation slots in flight;
     - ``irefine-submissions``: rate limit, ``submission_burst`` slots refilled at
@@ -200,7 +220,7 @@ async def setup_prefect(
     if aks_pool:
         pools.append((aks_pool, "kubernetes", aks_base_job_template()))
     for name, pool_type, template in pools:
-        await ensure_work_pool(client, report, name, pool_type, template)
+        await ensure_work_pool(client, report, name, pool_type, template, job_limit)
         await ensure_queues(client, report, name, queues)
     await ensure_global_limit(client, report, RUNNING_JOBS_LIMIT, job_limit)
     await ensure_global_limit(client, report, EVALUATIONS_LIMIT, evaluation_limit)

@@ -153,6 +153,46 @@ def _exists_with(store: JobStore, job_id: str, spec: JobSpec) -> bool:
     return True
 
 
+JOB_SLOT_LEASE_SECONDS = 60.0
+"""A killed flow process frees its running-jobs slot after at most this long (the lease is renewed
+while the job runs); Prefect's default of 300 s would hold back the resumed run that long."""
+
+
+@contextlib.contextmanager
+def running_job_slot() -> Iterator[None]:
+    """In a deployment run, hold a slot of the global limit ``irefine-running-jobs`` for the job.
+
+    The work pool's concurrency limit (``irefine setup`` sets it to the same number) is what makes
+    the server hand runs out in queue-priority order, but it is checked only when a worker polls:
+    two workers polling at once can claim one run too many, and other pools share the budget.
+    This slot is the hard cap; a run beyond it waits here. ``strict``: a missing limit fails the
+    run instead of running unlimited. In-process runs (``irefine run``) have no deployment and
+    take no slot.
+    """
+    if not deployment.get_id():
+        yield
+        return
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
+
+    from deployments.setup import RUNNING_JOBS_LIMIT
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(
+                concurrency(
+                    RUNNING_JOBS_LIMIT,
+                    strict=True,
+                    lease_duration=JOB_SLOT_LEASE_SECONDS,
+                    # A failed renewal (an API hiccup) must not kill a running job.
+                    raise_on_lease_renewal_failure=False,
+                )
+            )
+        except ConcurrencySlotAcquisitionError as exc:
+            raise SpecError(f"{exc}: run `irefine setup` against this Prefect server") from None
+        yield
+
+
 def open_executor(kind: Literal["dask", "local"], dask_address: str | None) -> Executor:
     """The executor for a flow run: one Dask client for the whole run, or in-process."""
     if kind == "local":
@@ -181,7 +221,9 @@ def refine(
     settings = load_settings()
     store = JobStore.from_settings(settings)
     cache_config = CacheConfig.from_settings(settings)
+    slot = contextlib.ExitStack()  # released after the store's last write
     try:
+        slot.enter_context(running_job_slot())
         if spec is not None and job_id is None and deployment.get_id():
             # A deployment run names its job after itself, so that a rerun of the same flow run
             # (the resume-on-crash automation) finds and resumes the job instead of starting anew.
@@ -233,4 +275,7 @@ def refine(
         )
         return {**result.to_dict(), "problem": problem}
     finally:
-        store.close()
+        try:
+            store.close()
+        finally:
+            slot.close()

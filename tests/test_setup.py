@@ -80,6 +80,7 @@ def test_setup_objects_read_back(setup_runs, prefect_api: str) -> None:
 
     got = _client_call(read)
     assert got["pools"]["irefine-local"].type == "process"
+    assert got["pools"]["irefine-local"].concurrency_limit == 4  # the job limit: priority order within it
     aks = got["pools"]["irefine-aks"]
     assert aks.type == "kubernetes"
     props = aks.base_job_template["variables"]["properties"]
@@ -101,10 +102,10 @@ def test_setup_updates_a_changed_limit(setup_runs, prefect_api: str) -> None:
     from deployments.setup import run_setup
 
     changed = asyncio.run(run_setup(aks_pool=None, job_limit=6))
-    assert changed.updated == ["concurrency-limit irefine-running-jobs"]
-    assert len(changed.unchanged) == 7
+    assert changed.updated == ["work-pool irefine-local", "concurrency-limit irefine-running-jobs"]
+    assert len(changed.unchanged) == 6
     restored = asyncio.run(run_setup(aks_pool=None))
-    assert restored.updated == ["concurrency-limit irefine-running-jobs"]
+    assert restored.updated == ["work-pool irefine-local", "concurrency-limit irefine-running-jobs"]
 
 
 def test_setup_without_api_url_is_one_line_exit_2(tmp_path: Path) -> None:
