@@ -22,6 +22,8 @@ from prefect.client.schemas.actions import (
 )
 from prefect.exceptions import ObjectNotFound
 
+from deployments.automations import AutomationPolicy, check_webhook_url, ensure_automations
+
 Outcome = Literal["created", "updated", "unchanged"]
 
 # Queue name -> (priority, concurrency limit). 1 is served first; None means no queue limit.
@@ -41,7 +43,7 @@ AKS_TEMPLATE_PATH = Path(__file__).parent / "aks" / "base-job-template.json"
 class SetupItem:
     """One object and what setup did to it."""
 
-    kind: str  # "work-pool", "work-queue" or "concurrency-limit"
+    kind: str  # "work-pool", "work-queue", "concurrency-limit", "notification-block" or "automation"
     name: str
     outcome: Outcome
     detail: str = ""
@@ -195,6 +197,8 @@ async def setup_prefect(
     evaluation_limit: int = 64,
     submission_rate: float = 1.0,
     submission_burst: int = 10,
+    notify_webhook_url: str | None = None,
+    automation_policy: AutomationPolicy | None = None,
 ) -> SetupReport:
     """Create or update the engine's Prefect objects; running it again changes nothing.
 
@@ -204,7 +208,10 @@ async def setup_prefect(
     - ``irefine-running-jobs``: global limit of ``job_limit`` concurrently running jobs;
     - ``irefine-evaluations``: global limit of ``evaluation_limit`` evaluation slots in flight;
     - ``irefine-submissions``: rate limit, ``submission_burst`` slots refilled at
-      ``submission_rate`` a second.
+      ``submission_rate`` a second;
+    - the automations of deployments/automations.py (resume crashed jobs, pause a queue on a
+      failure burst, deadline and anomaly alerts) and, given ``notify_webhook_url``, the webhook
+      notification block they notify through.
     """
     for label, value in (
         ("job_limit", job_limit),
@@ -215,6 +222,8 @@ async def setup_prefect(
             raise ValueError(f"{label} must be at least 1, not {value}")
     if submission_rate <= 0:
         raise ValueError(f"submission_rate must be positive, not {submission_rate}")
+    if notify_webhook_url is not None:
+        check_webhook_url(notify_webhook_url)
     report = SetupReport()
     pools = [(local_pool, "process", process_base_job_template())]
     if aks_pool:
@@ -225,6 +234,7 @@ async def setup_prefect(
     await ensure_global_limit(client, report, RUNNING_JOBS_LIMIT, job_limit)
     await ensure_global_limit(client, report, EVALUATIONS_LIMIT, evaluation_limit)
     await ensure_global_limit(client, report, SUBMISSIONS_LIMIT, submission_burst, submission_rate)
+    await ensure_automations(client, report, notify_webhook_url, automation_policy)
     return report
 
 

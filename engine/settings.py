@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     cache_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0, description="default time to live of entries")
     cache_max_entries: int | None = Field(1_000_000, ge=1, description="bound of the embedded cache")
     cache_manage_server: bool = Field(False, description="set Redis' eviction policy to allkeys-lru")
+    notify_webhook_url: str | None = Field(
+        None, description="webhook the automations notify through (irefine setup --notify-webhook)"
+    )
     result_storage: str | None = Field(
         None,
         description="Prefect block slug for persisted stage results, e.g. 'redis-database/irefine' or "

@@ -444,6 +444,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             "export PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     from deployments.setup import run_setup
+    from engine.settings import load_settings
 
     try:
         report = asyncio.run(
@@ -452,6 +453,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
                 job_limit=args.job_limit,
                 evaluation_limit=args.evaluation_limit,
                 submission_rate=args.submission_rate,
+                notify_webhook_url=args.notify_webhook or load_settings().notify_webhook_url,
             )
         )
     except ValueError as exc:
@@ -551,7 +553,9 @@ def make_parser() -> argparse.ArgumentParser:
         description="Create or update, on the server of PREFECT_API_URL, the process pool irefine-local "
         "and the kubernetes pool irefine-aks, each with queues critical/high/normal/low (priorities "
         "1-4), and the global limits irefine-running-jobs, irefine-evaluations and the rate limit "
-        "irefine-submissions. Idempotent: a second run reports everything unchanged.",
+        "irefine-submissions, and the automations: resume crashed jobs, pause a queue after a burst "
+        "of failures, deadline and anomaly alerts (notifying the --notify-webhook URL). Idempotent: a "
+        "second run reports everything unchanged.",
     )
     setup.add_argument("--no-aks", action="store_true", help="skip the kubernetes pool irefine-aks")
     setup.add_argument(
@@ -570,6 +574,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=1.0,
         metavar="R",
         help="job submissions a second (default 1.0)",
+    )
+    setup.add_argument(
+        "--notify-webhook",
+        metavar="URL",
+        help="webhook the alert automations notify (saved as the block irefine-notify; kept for later "
+        "runs); default: IRE_NOTIFY_WEBHOOK_URL",
     )
     setup.set_defaults(func=cmd_setup)
 
