@@ -28,6 +28,7 @@ from engine.core import (
     JobFailedError,
     JobSpec,
     Progress,
+    ResourceUsage,
     Space,
     SpecError,
     Status,
@@ -42,6 +43,7 @@ from engine.core import (
 )
 from engine.core.cycle import too_many_failures
 from engine.execution import Executor, ProblemRef, Writeback
+from engine.observe.logs import bind_log_context, set_log_cycle
 from engine.problems import load_problem, problem_space
 from engine.store import JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
@@ -80,6 +82,9 @@ class Job:
     cache: InferenceCache | None = None
     cache_config: CacheConfig | None = None
     last_cache_misses: int = 0
+    # Set by whoever samples resources (the metrics observer): read once a cycle by ``record``,
+    # on the loop's thread, so it must be quick.
+    resource_usage: Callable[[], ResourceUsage] | None = None
 
     def cache_keys(self, candidates: Sequence[Candidate]) -> list[str]:
         """The cache key of each candidate (``key_prefix`` + fingerprint, as ``cache_key`` builds it)."""
@@ -285,6 +290,7 @@ def record(
         tolerance=job.spec.tolerance,
         duration=cycle_seconds,
         cache_misses=job.last_cache_misses,
+        resources=job.resource_usage() if job.resource_usage is not None else None,
     )
     state = {"strategy": job.strategy.state(), "progress": job.progress.to_dict()}
     committer.commit_cycle(job, cycle, candidates, evaluations, state)
@@ -312,10 +318,12 @@ def run_job(
         job.cache, job.cache_config = process_cache(cache), cache
     committer = CycleCommitter(store)
     store.set_status(job.job_id, JobStatus.RUNNING)
+    unbind_log_context = bind_log_context(job_id=job.job_id)
     try:
         reason = stop_reason(job.spec, job.progress, job.maximize)
         while reason is None:
             cycle_no = job.progress.cycles + 1
+            set_log_cycle(cycle_no)
             started = time.perf_counter()
             n = next_batch_size(job.spec, job.progress)
             candidates = stages("propose", cycle_no, propose, job, n)
@@ -357,6 +365,7 @@ def run_job(
         raise
     finally:
         committer.close()
+        unbind_log_context()
 
 
 def _flush_quietly(committer: CycleCommitter) -> None:

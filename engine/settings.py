@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.core.errors import SpecError
 
 
 class Settings(BaseSettings):
     """Where the engine keeps its data and which services it talks to."""
 
-    model_config = SettingsConfigDict(env_prefix="IRE_", extra="ignore")
+    # An empty variable (IRE_METRICS_PORT=) means unset, as in most tools.
+    model_config = SettingsConfigDict(env_prefix="IRE_", extra="ignore", env_ignore_empty=True)
 
     home: Path = Field(default_factory=lambda: Path.home() / ".irefine", description="data folder")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in IRE_HOME")
     database_replica_url: str | None = Field(None, description="read replica for lag-tolerant reads")
     dask_address: str | None = Field(None, description="existing Dask scheduler; default: a LocalCluster")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: CPU count")
+    dask_worker_memory: str | None = Field(
+        None,
+        description="memory limit of each LocalCluster worker, e.g. '2GiB'; its nanny restarts a worker "
+        "past 95% of it. Default: 80% of this machine's memory shared among the workers",
+    )
     redis_url: str | None = Field(None, description="inference cache; default: the embedded cache")
     cache_namespace: str = Field("ire", description="key prefix: one per deployment sharing a Redis")
     cache_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0, description="default time to live of entries")
@@ -32,6 +42,22 @@ class Settings(BaseSettings):
         "'azure-blob-storage-container/results'; default: Prefect's local storage",
     )
 
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics on this port while a job runs; 0/unset: off",
+    )
+    metrics_addr: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
+    log_format: Literal["text", "json"] = Field("text", description="console log lines: text or JSON")
+
+    @field_validator("dask_worker_memory")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY_SIZE.fullmatch(value.strip()):
+            raise ValueError("write a size such as 2GiB, 1500MB or 800000000")
+        return None if value is None else value.strip()
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -39,5 +65,14 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.home / 'irefine.db'}"
 
 
+_MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]?|[bB])?")
+
+
 def load_settings() -> Settings:
-    return Settings()  # type: ignore[call-arg]  # fields come from the environment
+    """The settings of the environment; a bad value raises :class:`SpecError` naming its variable."""
+    try:
+        return Settings()  # type: ignore[call-arg]  # fields come from the environment
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "IRE_" + "_".join(str(part) for part in err["loc"]).upper()
+        raise SpecError(f"{name}={err.get('input')!r}: {err['msg']}") from None

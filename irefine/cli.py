@@ -180,8 +180,11 @@ def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
     prepared = _start_local_cluster(args)  # overlaps the cluster's start with Prefect's import
     view = ProgressView(spec, job_id, enabled=not args.quiet)
     try:
+        from engine.observe.logs import bind_log_context
         from flows.refine import LocalHooks, run_refine
 
+        _configure_logs()
+        bind_log_context(job_id=job_id)  # this process runs this one job: every line is about it
         with view:
             result = run_refine(
                 LocalHooks(listeners=(view,), executor=prepared),
@@ -204,6 +207,18 @@ def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
     if not args.quiet:
         _summary(view.console, result)
     return EXIT_OK
+
+
+def _configure_logs() -> None:
+    """From here on, Prefect's run logs start with ``[job J cycle C]`` and, with IRE_LOG_FORMAT=json,
+    console lines are JSON (Prefect has set up its logging by now: importing it does)."""
+    from engine.observe.logs import use_json_logs
+    from engine.settings import load_settings
+    from flows.metrics import prefix_run_logs
+
+    prefix_run_logs()
+    if load_settings().log_format == "json":
+        use_json_logs()
 
 
 def _start_local_cluster(args: argparse.Namespace) -> Any:
@@ -232,11 +247,39 @@ def _close_prepared(prepared: Any) -> None:
         logging.getLogger("irefine").warning("could not stop the local Dask cluster: %s", exc)
 
 
+def _use_observability_flags(args: argparse.Namespace) -> None:
+    """Hand --metrics-port and --log-format to the flow (as its settings), checking them first:
+    a bad value or a port already in use is a BadInput, before anything is written."""
+    import socket
+
+    from engine.core import SpecError
+    from engine.settings import load_settings
+
+    if args.metrics_port is not None:
+        os.environ["IRE_METRICS_PORT"] = str(args.metrics_port)
+    if args.log_format is not None:
+        os.environ["IRE_LOG_FORMAT"] = args.log_format
+    try:
+        settings = load_settings()
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
+    if settings.metrics_port:
+        with socket.socket() as probe:
+            try:
+                probe.bind((settings.metrics_addr, settings.metrics_port))
+            except OSError as exc:
+                raise BadInput(
+                    f"metrics port {settings.metrics_addr}:{settings.metrics_port}: {exc.strerror or exc}; "
+                    "choose another --metrics-port (or IRE_METRICS_PORT)"
+                ) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.core import SpecError
     from engine.runner import create_job
 
     spec = build_spec(args)
+    _use_observability_flags(args)
     store = _open_store()
     try:
         job = create_job(store, spec, args.job_id)
@@ -253,6 +296,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from engine.core import SpecError
     from engine.runner import resume_job
 
+    _use_observability_flags(args)
     store = _open_store()
     try:
         job = resume_job(store, args.job_id)  # validates before Prefect starts
@@ -288,17 +332,56 @@ def job_summary(record: Any) -> dict[str, Any]:
     }
 
 
+def cycle_metrics(cycle: Any) -> dict[str, Any] | None:
+    """The measurements of a stored cycle (the `status --json` "metrics" object); None before one."""
+    if cycle is None:
+        return None
+    return {
+        "cycle": cycle.cycle,
+        "duration_seconds": cycle.duration,
+        "evaluations_per_second": cycle.evaluations_per_second,
+        "eval_p50_seconds": cycle.eval_p50,
+        "eval_p95_seconds": cycle.eval_p95,
+        "eval_max_seconds": cycle.eval_max,
+        "process_cpu_percent": cycle.process_cpu_percent,
+        "process_rss_bytes": cycle.process_rss_bytes,
+        "worker_memory_total_bytes": cycle.worker_memory_total_bytes,
+        "worker_memory_max_bytes": cycle.worker_memory_max_bytes,
+    }
+
+
+def _metrics_line(m: dict[str, Any]) -> str:
+    def seconds(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1e3:.3g} ms" if x < 1 else f"{x:.3g} s"
+
+    def mib(x: int | None) -> str:
+        return "-" if x is None else f"{x / 2**20:,.0f} MiB"
+
+    rate = m["evaluations_per_second"]
+    cpu = m["process_cpu_percent"]
+    return (
+        f"{m['cycle']} took {seconds(m['duration_seconds'])}, "
+        f"{'-' if rate is None else f'{rate:,.0f}'} evals/s; "
+        f"evaluation p50 {seconds(m['eval_p50_seconds'])}, p95 {seconds(m['eval_p95_seconds'])}, "
+        f"max {seconds(m['eval_max_seconds'])}; "
+        f"flow CPU {'-' if cpu is None else f'{cpu:.0f}%'}, memory {mib(m['process_rss_bytes'])}; "
+        f"workers' memory {mib(m['worker_memory_total_bytes'])} (largest {mib(m['worker_memory_max_bytes'])})"
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from engine.core import SpecError
 
     store = _open_store()
     try:
         record = store.get_job(args.job_id)
+        last_cycle = store.last_cycle(args.job_id)
     except SpecError as exc:
         raise BadInput(str(exc)) from None
     finally:
         store.close()
     summary = job_summary(record)
+    summary["metrics"] = cycle_metrics(last_cycle)
     if args.json:
         print(json.dumps(summary))
         return EXIT_OK
@@ -318,6 +401,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ):
         if summary[key] is not None:
             print(f"{key:>18}: {summary[key]}")
+    if summary["metrics"] is not None:
+        print(f"{'last cycle':>18}: {_metrics_line(summary['metrics'])}")
     return EXIT_OK
 
 
@@ -466,6 +551,16 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a port number from 1 to 65535 (0: off)")
+    return port
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
@@ -477,6 +572,17 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--dask-address", help="existing Dask scheduler (default: IRE_DASK_ADDRESS or a LocalCluster)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="N",
+        help="serve Prometheus metrics on this port while the job runs (default: IRE_METRICS_PORT, off)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or one JSON object each (default: IRE_LOG_FORMAT, text)",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:

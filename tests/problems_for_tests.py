@@ -75,3 +75,30 @@ class Tiny:
     def evaluate(self, candidate: Any) -> float:
         time.sleep(0.002)
         return float(candidate["n"])
+
+
+_HOARD: list[bytes] = []
+
+
+class Leaky:
+    """x after ``ms`` of sleep; the first evaluation with x > 0.5 (the one that creates the file
+    ``marker``, across all workers) keeps ``leak_mb`` MiB and waits, as a leaking evaluation
+    would, for the worker's nanny to restart the worker. The file holds that worker's pid."""
+
+    space = {"x": Float(0, 1)}
+
+    def __init__(self, marker: str, leak_mb: int = 700, ms: float = 5.0) -> None:
+        self.marker, self.leak_mb, self.ms = marker, leak_mb, ms
+
+    def evaluate(self, candidate: Any) -> float:
+        time.sleep(self.ms / 1000)
+        if candidate["x"] > 0.5:
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return float(candidate["x"])
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            _HOARD.append(b"\x01" * (self.leak_mb << 20))  # written, so resident
+            time.sleep(30)  # the nanny restarts the worker long before this ends
+        return float(candidate["x"])

@@ -4,7 +4,17 @@ Imports nothing outside the standard library, numpy, orjson and pydantic.
 """
 
 from engine.core.candidate import Candidate, canonical_json, fingerprint
-from engine.core.cycle import CycleRecord, Progress, account_cycle, losses, next_batch_size, stop_reason
+from engine.core.cycle import (
+    LATENCY_BUCKETS,
+    CycleRecord,
+    LatencyHistogram,
+    Progress,
+    ResourceUsage,
+    account_cycle,
+    losses,
+    next_batch_size,
+    stop_reason,
+)
 from engine.core.errors import (
     EngineError,
     JobExistsError,
@@ -20,6 +30,7 @@ from engine.core.spec import JobSpec
 from engine.core.strategy import Strategy
 
 __all__ = [
+    "LATENCY_BUCKETS",
     "Candidate",
     "Choice",
     "CycleRecord",
@@ -32,8 +43,10 @@ __all__ = [
     "JobFailedError",
     "JobNotFoundError",
     "JobSpec",
+    "LatencyHistogram",
     "Problem",
     "Progress",
+    "ResourceUsage",
     "Space",
     "SpecError",
     "Status",

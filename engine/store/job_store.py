@@ -61,6 +61,18 @@ __all__ = [
 ]
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+# The measured figures of a CycleRecord kept as columns of ``cycles`` (evaluations_per_second
+# is derived, stored so that SQL and dashboards can read it).
+_MEASURED_CYCLE_FIELDS = (
+    "eval_p50",
+    "eval_p95",
+    "eval_max",
+    "evaluations_per_second",
+    "process_cpu_percent",
+    "process_rss_bytes",
+    "worker_memory_total_bytes",
+    "worker_memory_max_bytes",
+)
 _MAX_JOB_ID = 200
 _SQLITE_BUSY_MS = 30_000
 # Serialises CREATE TABLE across processes starting against a fresh PostgreSQL database.
@@ -117,7 +129,7 @@ class Checkpoint:
     created_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoredCycle(CycleRecord):
     """A committed :class:`~engine.core.CycleRecord`, with when it finished and its metrics."""
 
@@ -350,6 +362,7 @@ class JobStore:
             "improved": record.improved,
             "eval_seconds": record.eval_seconds,
             "metrics": metrics_json,
+            **{name: getattr(record, name) for name in _MEASURED_CYCLE_FIELDS},
         }
         with self._errors(f"cannot commit cycle {cycle} of job {job_id!r}"), self._primary.begin() as conn:
             # The summary first: it fails fast on a missing job and, on PostgreSQL, locks the job
@@ -377,22 +390,14 @@ class JobStore:
         stmt = select(CYCLES).where(CYCLES.c.job_id == job_id).order_by(CYCLES.c.cycle)
         with self._errors(f"cannot read the cycles of job {job_id!r}"), self._reader(fresh).connect() as conn:
             rows = conn.execute(stmt).all()
-        return [
-            StoredCycle(
-                cycle=r.cycle,
-                evaluations=r.evaluations,
-                failed=r.failed,
-                cached=r.cached,
-                batch_best_score=r.batch_best_score,
-                best_score=r.best_score,
-                improved=bool(r.improved),
-                duration=r.duration,
-                eval_seconds=r.eval_seconds,
-                finished_at=_utc(r.finished_at),
-                metrics=None if r.metrics is None else orjson.loads(r.metrics),
-            )
-            for r in rows
-        ]
+        return [_stored_cycle(r) for r in rows]
+
+    def last_cycle(self, job_id: str, *, fresh: bool = False) -> StoredCycle | None:
+        """The job's last committed cycle (None before its first), from the replica unless ``fresh``."""
+        stmt = select(CYCLES).where(CYCLES.c.job_id == job_id).order_by(CYCLES.c.cycle.desc()).limit(1)
+        with self._errors(f"cannot read the cycles of job {job_id!r}"), self._reader(fresh).connect() as conn:
+            row = conn.execute(stmt).one_or_none()
+        return None if row is None else _stored_cycle(row)
 
     def evaluations(
         self, job_id: str, cycle: int | None = None, *, fresh: bool = False
@@ -465,6 +470,29 @@ class JobStore:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def _stored_cycle(r: Row[Any]) -> StoredCycle:
+    return StoredCycle(
+        cycle=r.cycle,
+        evaluations=r.evaluations,
+        failed=r.failed,
+        cached=r.cached,
+        batch_best_score=r.batch_best_score,
+        best_score=r.best_score,
+        improved=bool(r.improved),
+        duration=r.duration,
+        eval_seconds=r.eval_seconds,
+        eval_p50=r.eval_p50,
+        eval_p95=r.eval_p95,
+        eval_max=r.eval_max,
+        process_cpu_percent=r.process_cpu_percent,
+        process_rss_bytes=r.process_rss_bytes,
+        worker_memory_total_bytes=r.worker_memory_total_bytes,
+        worker_memory_max_bytes=r.worker_memory_max_bytes,
+        finished_at=_utc(r.finished_at),
+        metrics=None if r.metrics is None else orjson.loads(r.metrics),
+    )
 
 
 def _evaluation_batch(candidates: Sequence[Candidate], evaluations: Sequence[Evaluation]) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, LargeBinary, Table, Text
+from sqlalchemy import BigInteger, DateTime, LargeBinary, Table, Text
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -68,6 +68,16 @@ class CycleRow(SQLModel, table=True):
     improved: bool
     eval_seconds: float
     metrics: str | None = Field(default=None, sa_type=Text)
+    # Measured per cycle (null when not measured): evaluation latency in seconds, throughput,
+    # the loop process's CPU (100 = one core) and resident memory, and the workers' memory.
+    eval_p50: float | None = None
+    eval_p95: float | None = None
+    eval_max: float | None = None
+    evaluations_per_second: float | None = None
+    process_cpu_percent: float | None = None
+    process_rss_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    worker_memory_total_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    worker_memory_max_bytes: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class EvaluationBatchRow(SQLModel, table=True):

@@ -1,0 +1,149 @@
+"""The metrics observer of a ``refine`` flow run: resources kept per cycle, Prometheus, log context.
+
+For the whole run it
+
+- samples CPU and memory (the flow process, and each Dask worker through the scheduler) on a
+  background thread and lends the record stage a probe, so every stored cycle carries them;
+- with ``IRE_METRICS_PORT`` set, serves the job's metrics (``engine.observe.metrics``) on
+  ``http://IRE_METRICS_ADDR:PORT/metrics`` until the run ends;
+- binds the job and flow run ids to the run's log lines, prefixes Prefect's run logs with
+  ``[job J cycle C]``, and with ``IRE_LOG_FORMAT=json`` writes console lines as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
+
+from engine.core import CycleRecord
+from engine.observe.logs import RunContextFormatter, bind_log_context, use_json_logs
+from engine.observe.metrics import (
+    JobMetrics,
+    ResourceProbe,
+    ResourceSampler,
+    WorkerReader,
+    WorkerReading,
+    job_registry,
+)
+from engine.runner import Job
+from flows.observers import ObserverContext
+
+SAMPLE_SECONDS = 2.0
+"""How often CPU and memory are read (the workers' through one round trip to the scheduler)."""
+
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+def dask_worker_reader(client: Any) -> WorkerReader:
+    """Reads every worker's CPU, memory and memory limit from the Dask scheduler, by address."""
+
+    def read() -> Mapping[str, WorkerReading]:
+        workers: dict[str, Any] = client.scheduler_info(n_workers=-1).get("workers", {})
+        readings = {}
+        for address, info in workers.items():
+            metrics = info.get("metrics", {})
+            cpu, memory, limit = metrics.get("cpu"), metrics.get("memory"), info.get("memory_limit")
+            readings[address] = WorkerReading(
+                cpu_percent=None if cpu is None else float(cpu),
+                memory_bytes=None if memory is None else int(memory),
+                memory_limit_bytes=int(limit) if limit else None,  # 0: no limit
+            )
+        return readings
+
+    return read
+
+
+def queue_wait_seconds() -> float | None:
+    """Seconds from this flow run's expected start to its actual start (None outside a run)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None
+    run = context.flow_run
+    expected = run.expected_start_time
+    if expected is None:
+        return None
+    started = run.start_time or datetime.now(UTC)
+    return max(0.0, (started - expected).total_seconds())
+
+
+def prefix_run_logs() -> None:
+    """Have Prefect's run logs (sent to the API, which keeps only the text) start with
+    ``[job J cycle C]``. Idempotent; harmless outside a job (no prefix then)."""
+    for name in _RUN_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ == "APILogHandler" and not isinstance(
+                handler.formatter, RunContextFormatter
+            ):
+                handler.setFormatter(RunContextFormatter())
+
+
+class MetricsObserver:
+    """Feeds the job's metrics once a cycle; at finish stops the endpoint and the sampler."""
+
+    def __init__(
+        self,
+        job: Job,
+        sampler: ResourceSampler,
+        metrics: JobMetrics | None,
+        server: tuple[WSGIServer, threading.Thread] | None,
+        undo: list[Callable[[], None]],
+    ) -> None:
+        self._sampler = sampler
+        self._metrics = metrics
+        self._server = server
+        self._undo = undo
+        self._misses_seen = job.progress.cache_misses
+
+    def __call__(self, job: Job, record: CycleRecord) -> None:
+        misses, self._misses_seen = job.progress.cache_misses - self._misses_seen, job.progress.cache_misses
+        if self._metrics is not None:
+            self._metrics.observe_cycle(record, misses)
+
+    def finish(self, job: Job, result: dict[str, Any] | None, error: BaseException | None) -> None:
+        job.resource_usage = None
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        self._sampler.stop()
+        for undo in reversed(self._undo):
+            undo()
+
+
+def metrics_observer(job: Job, context: ObserverContext) -> MetricsObserver:
+    """The observer factory named in ``flows.observers.OBSERVER_FACTORIES``."""
+    settings = context.settings
+    undo = [bind_log_context(job_id=job.job_id, flow_run_id=context.flow_run_id)]
+    if settings.log_format == "json":
+        undo.append(use_json_logs())
+    prefix_run_logs()
+    client = getattr(context.executor, "client", None)
+    sampler = ResourceSampler(dask_worker_reader(client) if client is not None else None, SAMPLE_SECONDS)
+    job.resource_usage = ResourceProbe(sampler)
+    metrics: JobMetrics | None = None
+    server: tuple[WSGIServer, threading.Thread] | None = None
+    if settings.metrics_port:
+        metrics = JobMetrics(job.job_id, sampler)
+        metrics.queue_wait_seconds = queue_wait_seconds()
+        address = f"{settings.metrics_addr}:{settings.metrics_port}"
+        try:
+            server = start_http_server(settings.metrics_port, settings.metrics_addr, job_registry(metrics))
+        except OSError as exc:
+            context.logger.error(
+                "metrics endpoint off: cannot listen on %s (%s); set IRE_METRICS_PORT to a free port",
+                address,
+                exc.strerror or exc,
+            )
+        else:
+            context.logger.info("metrics of job %s on http://%s/metrics", job.job_id, address)
+    sampler.start()
+    return MetricsObserver(job, sampler, metrics, server, undo)
