@@ -10,8 +10,8 @@ from typing import Any
 
 import dask
 from dask.utils import parse_bytes
-from distributed.utils import get_mp_context
 from distributed import Client, LocalCluster, system
+from distributed.utils import get_mp_context
 
 from engine.core import Candidate, Evaluation, SpecError, TransientError
 from engine.execution.base import Executor, ProblemRef, Writeback, evaluate_shard, split_shards
