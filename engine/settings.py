@@ -54,9 +54,17 @@ class Settings(BaseSettings):
     @field_validator("dask_worker_memory")
     @classmethod
     def _memory_size(cls, value: str | None) -> str | None:
-        if value is not None and not _MEMORY_SIZE.fullmatch(value.strip()):
-            raise ValueError("write a size such as 2GiB, 1500MB or 800000000")
-        return None if value is None else value.strip()
+        if value is None:
+            return None
+        from dask.utils import parse_bytes  # only when set: dask is a heavy import
+
+        try:
+            size = parse_bytes(value.strip())
+        except ValueError:
+            size = 0
+        if not _MEMORY_SIZE.fullmatch(value.strip()) or size <= 0:
+            raise ValueError("write a positive size such as 2GiB, 1500MB or 800000000")
+        return value.strip()
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -75,4 +83,5 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         name = "IRE_" + "_".join(str(part) for part in err["loc"]).upper()
-        raise SpecError(f"{name}={err.get('input')!r}: {err['msg']}") from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise SpecError(f"{name}={err.get('input')!r}: {message}") from None

@@ -70,7 +70,10 @@ def queue_wait_seconds() -> float | None:
     expected = run.expected_start_time
     if expected is None:
         return None
-    started = run.start_time or datetime.now(UTC)
+    # The engine keeps the flow run of the context up to date by state, not by start_time: the
+    # Running state's timestamp is when the run actually started.
+    state = run.state
+    started = state.timestamp if state is not None and state.is_running() else datetime.now(UTC)
     return max(0.0, (started - expected).total_seconds())
 
 

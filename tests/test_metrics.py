@@ -137,6 +137,35 @@ def test_readme_documents_every_metric() -> None:
         assert f"| `{name}` | {kind} | {', '.join(labels)} |" in readme, name
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("IRE_METRICS_PORT", "nine", "valid integer"),
+        ("IRE_METRICS_PORT", "70000", "less than or equal to 65535"),
+        ("IRE_LOG_FORMAT", "xml", "'text' or 'json'"),
+        ("IRE_DASK_WORKER_MEMORY", "0", "positive size such as 2GiB"),
+        ("IRE_DASK_WORKER_MEMORY", "lots", "positive size such as 2GiB"),
+    ],
+)
+def test_bad_settings_name_their_variable(monkeypatch, variable: str, value: str, message: str) -> None:
+    from engine.core import SpecError
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SpecError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(f"{variable}={value!r}: ") and message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_worker_memory_limit_defaults_to_a_share_of_the_machine() -> None:
+    from distributed import system
+
+    from engine.execution.dask import WORKER_MEMORY_SHARE, worker_memory_limit
+
+    assert worker_memory_limit(None, 4) == int(system.MEMORY_LIMIT * WORKER_MEMORY_SHARE / 4)
+    assert worker_memory_limit("2GiB", 4) == 2 * 2**30
+
+
 # -- a real run ------------------------------------------------------------------------------------
 
 

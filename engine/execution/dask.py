@@ -13,7 +13,7 @@ from dask.utils import parse_bytes
 from distributed import Client, LocalCluster, system
 from distributed.utils import get_mp_context
 
-from engine.core import Candidate, Evaluation, SpecError, TransientError
+from engine.core import Candidate, Evaluation, TransientError
 from engine.execution.base import Executor, ProblemRef, Writeback, evaluate_shard, split_shards
 from engine.settings import load_settings
 
@@ -118,18 +118,12 @@ WORKER_MEMORY_SHARE = 0.8
 
 
 def worker_memory_limit(setting: str | None, n_workers: int) -> int:
-    """Bytes each local worker may use: ``setting`` (a size such as '2GiB'), or by default
-    :data:`WORKER_MEMORY_SHARE` of the machine split evenly, which leaves the flow process and the
-    system room when a worker leaks. Raises :class:`SpecError` for a size Dask cannot read."""
+    """Bytes each local worker may use: ``setting`` (a size such as '2GiB', checked by the
+    settings), or by default :data:`WORKER_MEMORY_SHARE` of the machine split evenly, which leaves
+    the flow process and the system room when a worker leaks."""
     if setting is None:
         return int(system.MEMORY_LIMIT * WORKER_MEMORY_SHARE / max(1, n_workers))
-    try:
-        limit = int(parse_bytes(setting))
-    except ValueError as exc:
-        raise SpecError(f"IRE_DASK_WORKER_MEMORY={setting!r}: {exc}") from None
-    if limit <= 0:
-        raise SpecError(f"IRE_DASK_WORKER_MEMORY={setting!r}: give a positive size such as 2GiB")
-    return limit
+    return int(parse_bytes(setting))
 
 
 def _conforms(executor: DaskExecutor) -> Executor:

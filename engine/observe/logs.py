@@ -15,21 +15,18 @@ import sys
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 __all__ = [
-    "LogFormat",
     "JsonLogFormatter",
     "RunContextFormatter",
     "bind_log_context",
-    "log_context",
+    "record_context",
     "set_log_cycle",
     "use_json_logs",
 ]
-
-LogFormat = Literal["text", "json"]
 
 _job_id: ContextVar[str | None] = ContextVar("ire_log_job_id", default=None)
 _cycle: ContextVar[int | None] = ContextVar("ire_log_cycle", default=None)
@@ -67,7 +64,7 @@ def set_log_cycle(cycle: int | None) -> None:
     _cycle.set(cycle)
 
 
-def log_context(record: logging.LogRecord) -> tuple[str | None, int | None, str | None]:
+def record_context(record: logging.LogRecord) -> tuple[str | None, int | None, str | None]:
     """The job id, cycle and flow run id of ``record``: its own attributes (``extra=``, or Prefect's
     run loggers) first, else the bound context."""
     job_id = getattr(record, "job_id", None) or _job_id.get()
@@ -85,7 +82,7 @@ class JsonLogFormatter(logging.Formatter):
     flow_run_id, and ``exception`` with the traceback when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        job_id, cycle, flow_run_id = log_context(record)
+        job_id, cycle, flow_run_id = record_context(record)
         doc: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -108,7 +105,7 @@ class RunContextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
-        job_id, cycle, _ = log_context(record)
+        job_id, cycle, _ = record_context(record)
         parts = ([f"job {job_id}"] if job_id else []) + ([f"cycle {cycle}"] if cycle is not None else [])
         return f"[{' '.join(parts)}] {message}" if parts else message
 
