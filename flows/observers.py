@@ -43,7 +43,11 @@ class Observer(Protocol):
 ObserverFactory = Callable[[Job, ObserverContext], "Observer | None"]
 
 # The observability modules' factories (metrics, anomalies, artifacts), in the order they run.
-OBSERVER_FACTORIES: list[str] = ["flows.metrics:metrics_observer", "flows.deadline:deadline_observer"]
+OBSERVER_FACTORIES: list[str] = [
+    "flows.metrics:metrics_observer",
+    "flows.deadline:deadline_observer",
+    "flows.artifacts:artifact_observer",
+]
 
 
 def load_factory(path: str) -> ObserverFactory:

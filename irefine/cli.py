@@ -369,19 +369,49 @@ def _metrics_line(m: dict[str, Any]) -> str:
     )
 
 
+def _plot_path(path: str) -> str:
+    """Check a --plot path before anything is read or written; a BadInput says what to change."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.lower().endswith(".png"):
+        raise BadInput(f"--plot {path!r}: the plot is a PNG; give a file name ending in .png")
+    if os.path.isdir(path):
+        raise BadInput(f"--plot {path!r} is a folder; give a file name ending in .png")
+    if not os.path.isdir(folder):
+        raise BadInput(f"--plot {path!r}: folder {folder!r} does not exist")
+    return path
+
+
+def _write_plot(path: str, record: Any, cycles: Any) -> None:
+    from engine.observe.plot import convergence_png, convergence_series
+
+    series = convergence_series(
+        cycles, job_id=record.job_id, problem=record.spec.problem, strategy=record.spec.strategy
+    )
+    png = convergence_png(series)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(png)
+    except OSError as exc:
+        raise BadInput(f"--plot {path!r}: {exc.strerror or exc}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from engine.core import SpecError
 
+    plot = _plot_path(args.plot) if args.plot else None
     store = _open_store()
     try:
         record = store.get_job(args.job_id)
         last_cycle = store.last_cycle(args.job_id)
+        cycles = store.cycles(args.job_id) if plot else []
     except SpecError as exc:
         raise BadInput(str(exc)) from None
     finally:
         store.close()
     summary = job_summary(record)
     summary["metrics"] = cycle_metrics(last_cycle)
+    if plot:
+        _write_plot(plot, record, cycles)
     if args.json:
         print(json.dumps(summary))
         return EXIT_OK
@@ -403,6 +433,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{key:>18}: {summary[key]}")
     if summary["metrics"] is not None:
         print(f"{'last cycle':>18}: {_metrics_line(summary['metrics'])}")
+    if plot:
+        print(f"{'plot':>18}: {plot}")
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from irefine.top import run_top
+
+    store = _open_store()
+    try:
+        run_top(store, once=args.once)
+    finally:
+        store.close()
     return EXIT_OK
 
 
@@ -636,7 +679,14 @@ def make_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a job's status")
     status.add_argument("job_id")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument(
+        "--plot", metavar="FILE.png", help="also write the convergence plot (best score against evaluations)"
+    )
     status.set_defaults(func=cmd_status)
+
+    top = sub.add_parser("top", help="live view of the running jobs (Ctrl-C to leave)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(func=cmd_top)
 
     lst = sub.add_parser("list", help="list jobs, newest first")
     lst.add_argument("--limit", type=int, default=50)

@@ -2,7 +2,7 @@
 # Set up the project on a fresh Debian machine with Python >= 3.11: system packages, a virtualenv
 # in .venv, and the project with its dev extras. Idempotent; safe to run again.
 #   scripts/setup.sh             what a demo job needs (no services)
-#   scripts/setup.sh --services  also Redis and PostgreSQL server binaries, for the test suite
+#   scripts/setup.sh --services  also Redis and PostgreSQL server binaries and Chromium, for the test suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ "$services" = 1 ]; then
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/test_ui.py renders the Prefect UI
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"

@@ -37,6 +37,8 @@ class PrefectServer:
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": async_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+            # The UI it serves calls this API (by default it would call port 4200).
+            "PREFECT_UI_API_URL": self.url,
         }
         env.pop("PREFECT_API_URL", None)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()

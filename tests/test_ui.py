@@ -1,0 +1,129 @@
+"""The Prefect UI of a test server, rendered by headless Chromium, shows a finished job's artifacts.
+
+Chromium (Debian's ``chromium``, installed by ``scripts/setup.sh --services``) runs with the flags
+of DESIGN.md section 10 and ``--dump-dom`` / ``--screenshot`` after a virtual-time budget: no
+driver, no DevTools session, nothing to download. The test opens the job's flow run page in the
+default (React) UI, follows its artifact links, and checks each artifact page: the progress at
+100%, the cycle table, and the convergence plot drawn (its orange line found in a screenshot).
+Screenshots are kept under ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from engine.core import JobSpec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS_DIR = ROOT / "test-artifacts"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium(url: str, *, budget_ms: int, screenshot: Path | None = None) -> str:
+    """Load ``url`` in a fresh headless Chromium; return the rendered DOM (or take a screenshot)."""
+    binary = shutil.which("chromium")
+    assert binary, "chromium is missing: run scripts/setup.sh --services"
+    with tempfile.TemporaryDirectory(prefix="ire-chromium-") as profile:
+        action = [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
+        out = subprocess.run(
+            [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1200",
+             f"--virtual-time-budget={budget_ms}", *action, url],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def page_text(dom: str) -> str:
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
+def rendered(url: str, *expected: str) -> str:
+    """The DOM of ``url`` once every ``expected`` string is in it; the UI fetches after it loads,
+    so a slow machine gets a longer virtual-time budget on each try."""
+    dom = ""
+    for budget_ms in (10_000, 30_000, 60_000):
+        dom = chromium(url, budget_ms=budget_ms)
+        if all(s in dom or s in page_text(dom) for s in expected):
+            return dom
+    missing = [s for s in expected if s not in dom and s not in page_text(dom)]
+    raise AssertionError(f"{url}: {missing} not rendered; page text: {page_text(dom)[:1500]}")
+
+
+def orange_pixels(png: Path) -> int:
+    """Pixels of the plot's best-so-far line colour (#ff7f0e), which nothing else in the UI uses."""
+    from matplotlib.image import imread
+
+    rgb = imread(png)[:, :, :3]
+    r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
+    return int(((r > 0.9) & (g > 0.35) & (g < 0.65) & (b < 0.25)).sum())
+
+
+def test_the_ui_shows_progress_cycle_table_and_plot_of_a_finished_job(
+    prefect_server, prefect_api, ire_env
+) -> None:
+    from flows.artifacts import artifact_keys
+    from flows.refine import refine
+
+    job_id = f"ui-{uuid.uuid4().hex[:8]}"
+    spec = JobSpec.parse({"problem": "sphere", "problem_params": {"dim": 3}, "strategy": "cmaes",
+                          "batch_size": 6, "max_evaluations": 60, "seed": 2})  # fmt: skip
+    state = refine(spec=spec, job_id=job_id, executor="local", return_state=True)
+    assert state.is_completed()
+    keys = artifact_keys(job_id)
+    ui = prefect_server.url.removesuffix("/api")
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+
+    run_page = f"{ui}/v2/runs/flow-run/{state.state_details.flow_run_id}?tab=Artifacts"
+    dom = rendered(run_page, keys.progress, keys.cycles, keys.summary)
+    links = sorted(set(re.findall(r'href="(/v2/artifacts/artifact/[0-9a-f-]{36})"', dom)))
+    assert len(links) == 3, links
+    run_shot = ARTIFACTS_DIR / "ui-flow-run-artifacts.png"
+    chromium(run_page, budget_ms=15_000, screenshot=run_shot)
+    print(f"\nscreenshot: {run_shot}")
+
+    pages = {}
+    for link in links:
+        dom = rendered(ui + link, "Artifact Key")
+        key = next(k for k in (keys.progress, keys.cycles, keys.summary) if k in dom)
+        pages[key] = (ui + link, dom)
+    assert set(pages) == {keys.progress, keys.cycles, keys.summary}
+
+    assert "Progress: 100%" in page_text(pages[keys.progress][1])
+
+    table_url, table_dom = pages[keys.cycles]
+    if "duration s" not in page_text(table_dom):
+        table_dom = rendered(table_url, "batch best", "duration s", "cache hits")
+    table = page_text(table_dom)
+    assert re.search(r"cycle best batch best evaluations failures cache hits duration s 1 ", table), table[
+        :800
+    ]
+
+    summary_url, summary_dom = pages[keys.summary]
+    images = re.findall(r'<img[^>]*src="(data:image/svg\+xml;base64,[^"]+)"', summary_dom)
+    assert len(images) == 1
+    summary_shot = ARTIFACTS_DIR / "ui-summary-plot.png"
+    chromium(summary_url, budget_ms=15_000, screenshot=summary_shot)
+    print(f"screenshot: {summary_shot}")
+    assert orange_pixels(summary_shot) > 300, "the convergence plot is not drawn in the summary page"
+    assert orange_pixels(run_shot) < 50  # a control: the colour is the plot's, not the UI's
