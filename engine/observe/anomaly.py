@@ -1,0 +1,680 @@
+"""Anomaly detection on a job's per-cycle series: rules plus a robust statistical detector.
+
+Pure logic, fed one :class:`~engine.core.CycleRecord` at a time by :meth:`AnomalyDetector.observe`
+(the flow's observer does that after every cycle, and replays the stored cycles on resume). It
+returns :class:`Finding` s, at most one per *episode*: an anomaly that lasts ten cycles is reported
+once, when it starts, and may be reported again only after it has been clear for
+``DetectorConfig.clear_cycles`` cycles.
+
+The kinds (stable names; events are ``refinement.anomaly.<kind>``):
+
+``failure_burst``
+    The share of failed evaluations in a cycle (or pooled over the last few) is above
+    ``failure_share_bound`` *and* improbable under the job's own failure rate so far (binomial
+    tail below ``failure_alpha``): a job that always fails 8% of its candidates is not bursting
+    when a batch of 8 loses 3, a job that never fails is.
+``stall``
+    No improvement (as the spec's ``tolerance`` counts it) for ``k`` cycles while far from the
+    goal. ``k`` is ``stall_cycles``, or more for a job whose improvements have come with longer
+    gaps. *Far*: with a target, more than ``stall_far_share`` of the way from the first best to the
+    target is still to go; without one, the job was still moving fast just before it stopped (the
+    ``2 * stall_cycles`` cycles before its last improvement brought at least ``stall_recent_share``
+    of all it has gained), so a job that flattens out as it converges is not called stalled.
+``regression``
+    The best score so far can never get worse (it is a running best), so a "regression of the
+    best" means the *batch best*: the best of each new cycle is markedly worse than the level the
+    recent batches had reached, for ``regression_cycles`` cycles in a row -- the search lost ground
+    (a diverging step size, a bad restart, a changed problem). Markedly: more than
+    ``regression_z`` robust standard deviations (1.4826 MAD) above the median of the last
+    ``regression_window`` batch bests.
+``slow_cycle``
+    The cycle took longer than ``max_cycle_seconds`` (if set), or its duration is more than
+    ``timing_z`` robust deviations and ``timing_min_ratio`` times above the job's learned normal
+    (median of the last ``timing_window`` normal cycles, in log space) for ``timing_cycles``
+    cycles in a row, *and* costlier evaluations explain at least half of the slow-down (the
+    evaluation seconds per computed candidate rose too).
+``throughput_collapse``
+    Computed evaluations per second fell the same way below the learned normal while each
+    evaluation costs what it used to: the executor sat idle (lost workers, a stalled scheduler,
+    store or cache). Slow evaluations are ``slow_cycle``; an idle executor is this.
+
+The statistical detectors learn each job as it runs: nothing is judged before
+``timing_warmup`` normal cycles, the first cycle of a run (imports, worker start) is never part of
+the normal, and cycles judged anomalous do not move it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from engine.core.cycle import CycleRecord
+
+__all__ = ["ANOMALY_KINDS", "AnomalyDetector", "DetectorConfig", "Finding"]
+
+ANOMALY_KINDS: Final = ("failure_burst", "stall", "regression", "slow_cycle", "throughput_collapse")
+"""Every kind a finding can have, in the order a cycle is checked."""
+
+_MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One anomaly episode, reported at the cycle it was recognised."""
+
+    kind: str
+    cycle: int
+    message: str
+    evidence: dict[str, Any]
+
+    @property
+    def event(self) -> str:
+        """The Prefect event name: ``refinement.anomaly.<kind>``."""
+        return f"refinement.anomaly.{self.kind}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorConfig:
+    """Bounds and sensitivities of the detector. The defaults meet the targets of
+    ``bench/anomaly.py`` (precision and recall >= 0.95, <= 0.5 false alarms per 100 normal cycles)."""
+
+    failure_share_bound: float = 0.25
+    """A cycle (or the pooled window) must fail more than this share to be a burst."""
+    failure_min_count: int = 2
+    """...and at least this many evaluations."""
+    failure_alpha: float = 1e-3
+    """...and be this improbable under the job's failure rate so far (binomial upper tail)."""
+    failure_prior: tuple[float, float] = (1.0, 20.0)
+    """Pseudo-counts (failures, evaluations) of the failure rate before the job has any: 5%."""
+    failure_window: int = 3
+    """Cycles pooled to catch a burst spread thin over small batches."""
+
+    stall_cycles: int = 5
+    """Cycles without improvement before a stall can be called."""
+    stall_window: int = 20
+    """Cycles up to the last improvement from which the job's improvement rate ``p`` is learned."""
+    stall_alpha: float = 1e-3
+    """A stall needs a run of non-improving cycles this improbable at rate ``p``: (1 - p)^k < alpha."""
+    stall_collapse_ratio: float = 0.1
+    """...or just ``stall_cycles`` when the batch bests' spread fell below this share of its usual
+    (the population collapsed onto a point: no lucky batch is coming)."""
+    stall_far_share: float = 0.05
+    """Still "far" while more than this share of the way remains: to the target, or without one
+    to the floor the job's pace before the stall points at."""
+
+    regression_window: int = 30
+    """Recent normal cycles whose excess (see the module doc) makes up the usual one."""
+    regression_factor: float = 1.5
+    """A batch is markedly worse when its excess is this many times the usual 90th percentile..."""
+    regression_min_excess: float = 2.5
+    """...and at least this: the batch best lies a full level-to-best gap above the level."""
+    regression_warmup: int = 5
+    """Normal cycles to learn the usual excess from before judging."""
+    regression_cycles: int = 3
+    """Cycles among the last ``regression_cycles + 1`` that must be markedly worse, this one
+    included (one bad batch is noise)."""
+
+    max_cycle_seconds: float | None = None
+    """An absolute bound on a cycle's duration; ``None``: only the learned normal applies."""
+    timing_window: int = 20
+    """Recent normal cycles that make up the learned normal duration and throughput."""
+    timing_warmup: int = 5
+    """Normal cycles to learn from before timing is judged."""
+    timing_z: float = 3.0
+    """Robust standard deviations (of log duration or log throughput) that count as abnormal."""
+    timing_min_ratio: float = 1.5
+    """...and at least this factor slower (a very steady job's tiny jitter is not an anomaly)."""
+    timing_sigma_floor: float = 0.05
+    """Least robust deviation of log duration assumed (5%): steady jobs are not over-sensitive."""
+    timing_cycles: int = 2
+    """Slow cycles needed among the last ``timing_cycles + 1`` (one busy neighbour is noise)."""
+    collapse_cycles: int = 3
+    """Idle-executor cycles needed among the last ``collapse_cycles + 1`` (GC pauses come in pairs)."""
+
+    clear_cycles: int = 2
+    """Clear cycles after which an episode ends and the same kind may be reported again."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "failure_min_count": self.failure_min_count,
+            "failure_window": self.failure_window,
+            "stall_cycles": self.stall_cycles,
+            "stall_window": self.stall_window,
+            "regression_window": self.regression_window,
+            "regression_cycles": self.regression_cycles,
+            "regression_warmup": self.regression_warmup,
+            "timing_window": self.timing_window,
+            "timing_warmup": self.timing_warmup,
+            "timing_cycles": self.timing_cycles,
+            "collapse_cycles": self.collapse_cycles,
+            "clear_cycles": self.clear_cycles,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, share in (
+            ("failure_share_bound", self.failure_share_bound),
+            ("stall_far_share", self.stall_far_share),
+            ("stall_collapse_ratio", self.stall_collapse_ratio),
+        ):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {share}")
+        for name, alpha in (("failure_alpha", self.failure_alpha), ("stall_alpha", self.stall_alpha)):
+            if not 0.0 < alpha < 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {alpha}")
+        if self.failure_prior[0] < 0 or self.failure_prior[1] <= self.failure_prior[0]:
+            raise ValueError(
+                f"failure_prior must be (failures, evaluations) with 0 <= f < n, got {self.failure_prior}"
+            )
+        if self.timing_warmup > self.timing_window:
+            raise ValueError("timing_warmup must not exceed timing_window")
+        if self.max_cycle_seconds is not None and self.max_cycle_seconds <= 0:
+            raise ValueError(f"max_cycle_seconds must be positive, got {self.max_cycle_seconds}")
+        if min(self.regression_factor, self.regression_min_excess, self.timing_z, self.timing_min_ratio) <= 0:
+            raise ValueError(
+                "regression_factor, regression_min_excess, timing_z and timing_min_ratio must be positive"
+            )
+        if self.timing_sigma_floor <= 0:
+            raise ValueError(f"timing_sigma_floor must be positive, got {self.timing_sigma_floor}")
+
+
+@dataclass
+class _Episode:
+    """Whether a kind's anomaly is going on, and for how many cycles it has been clear."""
+
+    open: bool = False
+    clear: int = 0
+    run: int = 0  # consecutive cycles the raw condition held
+
+
+@dataclass
+class _Timing:
+    """The learned normal of cycle timing: recent log durations, log throughputs, log costs."""
+
+    duration: deque[float]
+    throughput: deque[float]
+    cost: deque[float]
+
+
+@dataclass
+class AnomalyDetector:
+    """Stateful detector for one job; call :meth:`observe` with each cycle in order.
+
+    ``maximize``: the job's direction (scores in records are the problem's own; higher is better
+    when maximising). ``target`` and ``tolerance`` are the spec's. Not thread-safe. Its state is a
+    function of the cycles seen, so :meth:`rebuild` from the stored cycles restores it on resume.
+    """
+
+    maximize: bool
+    target: float | None = None
+    tolerance: float = 0.0
+    config: DetectorConfig = field(default_factory=DetectorConfig)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self._episodes = {kind: _Episode() for kind in ANOMALY_KINDS}
+        self._last_cycle = 0
+        # failures
+        self._fail_clean = [c.failure_prior[0], c.failure_prior[1]]  # failures, evaluations
+        self._fail_recent: deque[tuple[int, int]] = deque(maxlen=c.failure_window)
+        # progress (losses: lower is better, whatever the direction)
+        self._first: tuple[int, float] | None = None  # the first scored cycle and its best
+        self._improvements: deque[tuple[int, float]] = deque()  # (cycle, best) of recent improvements
+        self._stall_batch: deque[float] = deque(maxlen=c.stall_cycles + 1)  # the last batch bests
+        self._spreads: deque[float] = deque(maxlen=c.timing_window)  # their usual relative spread
+        self._batch: deque[float] = deque(maxlen=12)  # the last normal batch bests
+        self._excess: deque[float] = deque(maxlen=c.regression_window)  # their excess (see _regression)
+        self._best_before: float | None = None
+        self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
+        # timing
+        self._timing = _Timing(
+            deque(maxlen=c.timing_window), deque(maxlen=c.timing_window), deque(maxlen=c.timing_window)
+        )
+        self._skip_timing = 1  # the first cycle of a run pays for imports and worker start
+        self._timing_verdicts: dict[str, deque[bool]] = {
+            "slow_cycle": deque(),
+            "throughput_collapse": deque(),
+        }
+
+    # -- public -----------------------------------------------------------------------------------
+
+    @classmethod
+    def rebuild(
+        cls,
+        cycles: Iterable[CycleRecord],
+        *,
+        maximize: bool,
+        target: float | None = None,
+        tolerance: float = 0.0,
+        config: DetectorConfig | None = None,
+    ) -> AnomalyDetector:
+        """A detector in the state it had after ``cycles`` (the stored ones, on resume).
+
+        Their findings were reported when they happened and are dropped; an episode still open at
+        the end stays open, so it is not reported twice. The next cycle starts a new process, so
+        its timing is not judged.
+        """
+        detector = cls(maximize, target, tolerance, config or DetectorConfig())
+        for record in cycles:
+            detector.observe(record)
+        detector._skip_timing = 1
+        return detector
+
+    @property
+    def open_episodes(self) -> list[str]:
+        """The kinds whose anomaly is going on now."""
+        return [kind for kind, episode in self._episodes.items() if episode.open]
+
+    def observe(self, record: CycleRecord) -> list[Finding]:
+        """Take one cycle into account; return the anomalies that start with it."""
+        if record.cycle <= self._last_cycle:
+            raise ValueError(
+                f"cycle {record.cycle} observed after cycle {self._last_cycle}: feed cycles in order"
+            )
+        self._last_cycle = record.cycle
+        found: dict[str, dict[str, Any] | None] = {
+            "failure_burst": self._failure_burst(record),
+            "stall": self._stall(record),
+            "regression": self._regression(record),
+        }
+        found.update(self._timing_anomalies(record))
+        findings = []
+        for kind in ANOMALY_KINDS:
+            evidence = found[kind]
+            finding = self._episode(kind, record.cycle, evidence)
+            if finding is not None:
+                findings.append(finding)
+        return findings
+
+    # -- episodes ---------------------------------------------------------------------------------
+
+    def _episode(self, kind: str, cycle: int, evidence: dict[str, Any] | None) -> Finding | None:
+        episode = self._episodes[kind]
+        if evidence is None:
+            episode.clear += 1
+            if episode.clear >= self.config.clear_cycles:
+                episode.open = False
+            return None
+        episode.clear = 0
+        if episode.open:
+            return None
+        episode.open = True
+        message = str(evidence.pop("message"))
+        return Finding(kind, cycle, message, evidence)
+
+    # -- failure bursts ---------------------------------------------------------------------------
+
+    def _failure_burst(self, record: CycleRecord) -> dict[str, Any] | None:
+        c = self.config
+        failures, evaluations = self._fail_clean
+        rate = failures / evaluations
+        self._fail_recent.append((record.failed, record.evaluations))
+        pooled_failed = sum(f for f, _ in self._fail_recent)
+        pooled_n = sum(n for _, n in self._fail_recent)
+        evidence = None
+        for failed, n, scope in (
+            (record.failed, record.evaluations, "cycle"),
+            (pooled_failed, pooled_n, f"last {len(self._fail_recent)} cycles"),
+        ):
+            if n == 0 or failed < c.failure_min_count or failed / n <= c.failure_share_bound:
+                continue
+            if scope != "cycle" and record.failed / max(record.evaluations, 1) <= rate:
+                continue  # the pooled window may only extend a burst this cycle takes part in
+            tail = binomial_upper_tail(failed, n, rate)
+            if tail < c.failure_alpha:
+                evidence = {
+                    "message": (
+                        f"cycle {record.cycle}: {failed} of {n} evaluations failed ({failed / n:.0%}) "
+                        f"over the {scope}, against a usual {rate:.1%}"
+                    ),
+                    "failed": failed,
+                    "evaluations": n,
+                    "failure_share": failed / n,
+                    "usual_failure_share": rate,
+                    "scope": scope,
+                    "probability": tail,
+                    "bound": c.failure_share_bound,
+                }
+                break
+        if evidence is None and not self._episodes["failure_burst"].open:
+            self._fail_clean[0] += record.failed
+            self._fail_clean[1] += record.evaluations
+        return evidence
+
+    # -- stalls -----------------------------------------------------------------------------------
+
+    def _loss(self, score: float | None) -> float | None:
+        return None if score is None else (-score if self.maximize else score)
+
+    def _stall(self, record: CycleRecord) -> dict[str, Any] | None:
+        c = self.config
+        best = self._loss(record.best_score)
+        if best is None:
+            return None
+        batch = self._loss(record.batch_best_score)
+        if batch is not None:
+            self._stall_batch.append(batch)
+        if self._first is None:
+            self._first = (record.cycle, best)
+            self._improvements.append((record.cycle, best))
+            return None
+        if record.improved:
+            self._improvements.append((record.cycle, best))
+            horizon = record.cycle - max(c.stall_window, 2 * c.stall_cycles)
+            while len(self._improvements) > 1 and self._improvements[1][0] <= horizon:
+                self._improvements.popleft()  # keep one at or before the horizon
+            return None
+        last = self._improvements[-1][0]
+        since = record.cycle - last
+        collapsed = self._collapsed(record, best, since)
+        # The improvement rate over the stall_window cycles up to the last improvement (Laplace);
+        # a young job's window is padded with non-improving cycles: its first cycles improve on
+        # almost nothing, so they say little about its pace.
+        start = max(last - c.stall_window + 1, self._first[0] + 2)
+        count = sum(1 for cycle, _ in self._improvements if cycle >= start)
+        rate = (count + 1) / (max(last - start + 1, c.stall_cycles) + 2)
+        needed = max(c.stall_cycles, math.ceil(math.log(c.stall_alpha) / math.log1p(-rate)))
+        if collapsed is not None:
+            needed = min(needed, c.stall_cycles)
+        if since < needed:
+            return None
+        far, why = self._far_from_goal(best, last)
+        if not far:
+            return None
+        return {
+            "message": (
+                f"cycle {record.cycle}: no improvement for {since} cycles (best {record.best_score:.6g}), "
+                f"where it improved in {rate:.0%} of cycles before; {why}"
+            ),
+            "cycles_without_improvement": since,
+            "needed_cycles": needed,
+            "improvement_rate": rate,
+            "best_score": record.best_score,
+            "target": self.target,
+            "reason": why,
+        }
+
+    def _collapsed(self, record: CycleRecord, best: float, since: int) -> float | None:
+        """The population's spread relative to its usual, when it has collapsed (else None).
+
+        The spread is the batch-to-batch change of the last ``stall_cycles`` batch bests over
+        their height above the best: it stays put while a job converges (both shrink together)
+        and drops when the search collapses onto a point that is not getting better.
+        """
+        c = self.config
+        recent = list(self._stall_batch)
+        if len(recent) < c.stall_cycles:
+            return None
+        height = statistics.median(recent) - best
+        steps = statistics.median(abs(b - a) for a, b in itertools.pairwise(recent))
+        if height <= 0:
+            return None
+        spread = steps / height
+        if since < c.stall_cycles:
+            self._spreads.append(spread)
+            return None
+        if len(self._spreads) < c.stall_cycles:
+            return None
+        relative = spread / max(statistics.median(self._spreads), 1e-12)
+        return relative if relative < c.stall_collapse_ratio else None
+
+    def _far_from_goal(self, best: float, last_improvement: int) -> tuple[bool, str]:
+        c = self.config
+        assert self._first is not None
+        first_best = self._first[1]
+        if self.target is not None:
+            goal = -self.target if self.maximize else self.target
+            first_gap, gap = first_best - goal, best - goal
+            if first_gap <= 0 or gap <= self.tolerance:
+                return False, ""
+            share = gap / first_gap
+            return share > c.stall_far_share, f"{share:.0%} of the way to the target {self.target:g} remains"
+        gained = first_best - best
+        if gained <= 0:
+            return True, "no progress since the first cycle"
+        # No target: extrapolate the best's last two spans of stall_cycles geometrically (Aitken)
+        # to guess what is left to gain; a job that was closing in on its floor has converged.
+        h = c.stall_cycles
+        b1, b2 = self._best_at(last_improvement - 2 * h), self._best_at(last_improvement - h)
+        d1, d2 = b1 - b2, b2 - best
+        if d2 >= d1:
+            return True, f"it gained as much in the last {h} cycles before as in the {h} before those"
+        ratio = d2 / d1
+        left = d2 * ratio / (1 - ratio)
+        share = left / (gained + left)
+        return share > c.stall_far_share, (
+            f"its pace before suggested {share:.0%} of the way to its floor was left"
+        )
+
+    def _best_at(self, cycle: int) -> float:
+        """The job's best after ``cycle`` (the first best before the first cycle)."""
+        assert self._first is not None
+        value = self._first[1]
+        for at, best in self._improvements:
+            if at > cycle:
+                break
+            value = best
+        return value
+
+    # -- regressions ------------------------------------------------------------------------------
+
+    def _regression(self, record: CycleRecord) -> dict[str, Any] | None:
+        c = self.config
+        loss = self._loss(record.batch_best_score)
+        best, self._best_before = self._best_before, self._loss(record.best_score)
+        if loss is None or best is None or len(self._batch) < 3:
+            if loss is not None:
+                self._batch.append(loss)
+            return None
+        episode = self._episodes["regression"]
+        # How far this batch best lies above the recent level (median of the last 3), in units of
+        # how far that level lies above the best or of the batch-to-batch noise, whichever is
+        # larger: scale-free, so it means the same while the job converges and its numbers shrink
+        # a thousandfold; judged against the job's own history of it.
+        recent = list(self._batch)
+        level = statistics.median(recent[-3:])
+        steps = [abs(b - a) for a, b in itertools.pairwise(recent)]
+        noise = _MAD_TO_SIGMA * statistics.median(steps) / math.sqrt(2)
+        scale = max(level - best, noise)
+        if scale <= 1e-12 * max(abs(level), 1.0):
+            self._batch.append(loss)
+            return None
+        excess = (loss - level) / scale
+        worse = False
+        bound = math.inf
+        if len(self._excess) >= c.regression_warmup:
+            usual = _quantile(self._excess, 0.9)
+            bound = max(c.regression_factor * usual, c.regression_min_excess)
+            worse = excess > bound
+        self._worse.append(worse)
+        if not worse:
+            self._batch.append(loss)
+            self._excess.append(excess)
+        # A regressed population still draws the odd normal-looking batch: count the worse
+        # cycles among the last regression_cycles + 1, not a strict run.
+        episode.run = sum(self._worse)
+        if not worse or episode.run < c.regression_cycles:
+            return None if not (worse and episode.open) else {"message": ""}
+        sign = -1.0 if self.maximize else 1.0
+        return {
+            "message": (
+                f"cycle {record.cycle}: the batch best {record.batch_best_score:.6g} is markedly worse than "
+                f"the recent batches ({sign * level:.6g}; best {sign * best:.6g}), as were {episode.run} "
+                f"of the last {len(self._worse)} cycles"
+            ),
+            "batch_best_score": record.batch_best_score,
+            "recent_level": sign * level,
+            "best_score": sign * best,
+            "excess": excess,
+            "bound": bound,
+            "cycles": episode.run,
+        }
+
+    # -- timing -----------------------------------------------------------------------------------
+
+    def _timing_anomalies(self, record: CycleRecord) -> dict[str, dict[str, Any] | None]:
+        c = self.config
+        out: dict[str, dict[str, Any] | None] = {"slow_cycle": None, "throughput_collapse": None}
+        absolute = c.max_cycle_seconds is not None and record.duration > c.max_cycle_seconds
+        computed = record.evaluations - record.cached
+        if record.duration <= 0:
+            return out
+        log_d = math.log(record.duration)
+        log_tp = math.log(computed / record.duration) if computed > 0 else None
+        log_cost = (
+            math.log(record.eval_seconds / computed) if computed > 0 and record.eval_seconds > 0 else None
+        )
+        slow = collapse = None
+        t = self._timing
+        if self._skip_timing:
+            self._skip_timing -= 1
+        elif len(t.duration) >= c.timing_warmup:
+            slow, collapse = self._judge_timing(log_d, log_tp, log_cost)
+            if slow is None and collapse is None:
+                self._learn_timing(log_d, log_tp, log_cost)
+        else:
+            self._learn_timing(log_d, log_tp, log_cost)
+        for kind, evidence, needed in (
+            ("slow_cycle", slow, c.timing_cycles),
+            ("throughput_collapse", collapse, c.collapse_cycles),
+        ):
+            # m of the last m + 1 cycles: a slowed job still has the odd normal-looking cycle.
+            recent = self._timing_verdicts[kind]
+            recent.append(evidence is not None)
+            while len(recent) > needed + 1:
+                recent.popleft()
+            episode = self._episodes[kind]
+            episode.run = sum(recent)
+            if evidence and episode.run >= needed:
+                out[kind] = {
+                    "message": _timing_message(kind, record.cycle, episode.run, evidence),
+                    **evidence,
+                }
+            elif evidence and episode.open:
+                out[kind] = {"message": ""}  # still going on: keep the episode open
+        if absolute and out["slow_cycle"] is None:
+            out["slow_cycle"] = {
+                "message": (
+                    f"cycle {record.cycle} took {record.duration:.3g} s, "
+                    f"over the bound of {c.max_cycle_seconds:g} s"
+                ),
+                "duration": record.duration,
+                "bound": c.max_cycle_seconds,
+            }
+        return out
+
+    def _learn_timing(self, log_d: float, log_tp: float | None, log_cost: float | None) -> None:
+        t = self._timing
+        t.duration.append(log_d)
+        if log_tp is not None:
+            t.throughput.append(log_tp)
+        if log_cost is not None:
+            t.cost.append(log_cost)
+
+    def _judge_timing(
+        self, log_d: float, log_tp: float | None, log_cost: float | None
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(slow_cycle evidence, throughput_collapse evidence) for this cycle, either or both None."""
+        c = self.config
+        t = self._timing
+        min_excess = math.log(c.timing_min_ratio)
+        normal_d, z_d = _robust_z(log_d, t.duration, c.timing_sigma_floor)
+        slowed = log_d - normal_d
+        cost_up = None
+        if log_cost is not None and len(t.cost) >= c.timing_warmup:
+            cost_up = log_cost - statistics.median(t.cost)
+        tp_drop = z_tp = None
+        normal_tp = 0.0
+        if log_tp is not None and len(t.throughput) >= c.timing_warmup:
+            normal_tp, z_tp = _robust_z(log_tp, t.throughput, c.timing_sigma_floor)
+            tp_drop, z_tp = normal_tp - log_tp, -z_tp
+        slow_stat = z_d > c.timing_z and slowed > min_excess
+        collapse_stat = (
+            tp_drop is not None and z_tp is not None and z_tp > c.timing_z and tp_drop > min_excess
+        )
+        # Evaluation seconds per candidate are far steadier than wall time: a marked rise there
+        # with a slower cycle is a slow cycle even when wall-time noise hides it.
+        if cost_up is not None and not slow_stat:
+            _, z_cost = _robust_z(cost_up + statistics.median(t.cost), t.cost, c.timing_sigma_floor)
+            slow_stat = z_cost > c.timing_z and cost_up > min_excess and slowed > 0.5 * cost_up
+        # Who is to blame: evaluations that cost more (slow), or an executor that sat idle (collapse).
+        costlier = cost_up is None or cost_up >= 0.5 * max(slowed, tp_drop or 0.0)
+        slow = collapse = None
+        if slow_stat and costlier:
+            slow = {
+                "duration": math.exp(log_d),
+                "usual_duration": math.exp(normal_d),
+                "ratio": math.exp(slowed),
+                "robust_z": z_d,
+                "evaluation_cost_ratio": None if cost_up is None else math.exp(cost_up),
+            }
+        if collapse_stat and not costlier:
+            assert tp_drop is not None and z_tp is not None
+            collapse = {
+                "evaluations_per_second": math.exp(normal_tp - tp_drop),
+                "usual_evaluations_per_second": math.exp(normal_tp),
+                "ratio": math.exp(-tp_drop),
+                "robust_z": z_tp,
+                "evaluation_cost_ratio": None if cost_up is None else math.exp(cost_up),
+            }
+        return slow, collapse
+
+
+def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> str:
+    cost = e["evaluation_cost_ratio"]
+    if kind == "slow_cycle":
+        because = f"; each evaluation costs {cost:.1f}x as much" if cost is not None else ""
+        return (
+            f"cycle {cycle}: cycles take {e['ratio']:.1f}x their usual {e['usual_duration']:.3g} s "
+            f"({e['robust_z']:.1f} robust deviations) for {cycles} cycles{because}"
+        )
+    return (
+        f"cycle {cycle}: evaluations/s fell to {e['ratio']:.0%} of the usual "
+        f"{e['usual_evaluations_per_second']:.3g} for {cycles} cycles while each evaluation costs as "
+        "usual: the executor sat idle (lost workers, a stalled scheduler, store or cache?)"
+    )
+
+
+def _quantile(values: Iterable[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _robust_z(value: float, sample: Iterable[float], sigma_floor: float) -> tuple[float, float]:
+    """(median of ``sample``, robust z-score of ``value`` against it, deviation at least ``sigma_floor``)."""
+    values = list(sample)
+    median = statistics.median(values)
+    sigma = max(_MAD_TO_SIGMA * statistics.median(abs(x - median) for x in values), sigma_floor)
+    return median, (value - median) / sigma
+
+
+def binomial_upper_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exact by summing terms until they stop counting."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_term = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q
+    total = 0.0
+    term = math.exp(log_term)
+    i = k
+    while i <= n:
+        total += term
+        if term < 1e-15 * total and i > n * p:
+            break
+        term *= (n - i) / (i + 1) * p / (1 - p)
+        i += 1
+    return min(total, 1.0)
