@@ -45,6 +45,7 @@ ObserverFactory = Callable[[Job, ObserverContext], "Observer | None"]
 # The observability modules' factories (metrics, anomalies, artifacts), in the order they run.
 OBSERVER_FACTORIES: list[str] = [
     "flows.metrics:metrics_observer",
+    "flows.anomalies:anomaly_observer",
     "flows.deadline:deadline_observer",
     "flows.artifacts:artifact_observer",
 ]

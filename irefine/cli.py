@@ -404,12 +404,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         record = store.get_job(args.job_id)
         last_cycle = store.last_cycle(args.job_id)
         cycles = store.cycles(args.job_id) if plot else []
+        anomalies = store.anomalies(args.job_id)
     except SpecError as exc:
         raise BadInput(str(exc)) from None
     finally:
         store.close()
     summary = job_summary(record)
     summary["metrics"] = cycle_metrics(last_cycle)
+    summary["anomalies"] = [a.to_dict() for a in anomalies]
     if plot:
         _write_plot(plot, record, cycles)
     if args.json:
@@ -433,6 +435,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{key:>18}: {summary[key]}")
     if summary["metrics"] is not None:
         print(f"{'last cycle':>18}: {_metrics_line(summary['metrics'])}")
+    for a in anomalies:
+        print(f"{'anomaly':>18}: cycle {a.cycle} {a.kind}: {a.message}")
     if plot:
         print(f"{'plot':>18}: {plot}")
     return EXIT_OK

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from pydantic import ValidationError
@@ -44,18 +44,20 @@ from engine.core.cycle import CycleRecord, Progress
 from engine.core.errors import EngineError, JobExistsError, JobNotFoundError, SpecError, TransientError
 from engine.core.evaluation import Evaluation, Status
 from engine.core.spec import JobSpec
-from engine.store.tables import CHECKPOINTS, CYCLES, EVALUATION_BATCHES, JOBS, STORE_TABLES
+from engine.store.tables import ANOMALIES, CHECKPOINTS, CYCLES, EVALUATION_BATCHES, JOBS, STORE_TABLES
 
 if TYPE_CHECKING:
     from engine.settings import Settings
 
 __all__ = [
+    "AnomalyLike",
     "Checkpoint",
     "JobRecord",
     "JobStatus",
     "JobStore",
     "StoreError",
     "StoreUnavailableError",
+    "StoredAnomaly",
     "StoredCycle",
     "StoredEvaluation",
 ]
@@ -135,6 +137,41 @@ class StoredCycle(CycleRecord):
 
     finished_at: datetime
     metrics: dict[str, Any] | None
+
+
+class AnomalyLike(Protocol):
+    """What :meth:`JobStore.add_anomalies` stores (``engine.observe.Finding`` is one)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def cycle(self) -> int: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def evidence(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnomaly:
+    """An anomaly found in a job's cycles, as stored."""
+
+    job_id: str
+    cycle: int
+    kind: str
+    message: str
+    evidence: dict[str, Any]
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON-able values (the ``irefine status --json`` form)."""
+        return {
+            "cycle": self.cycle,
+            "kind": self.kind,
+            "message": self.message,
+            "evidence": self.evidence,
+            "created_at": self.created_at.isoformat(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +340,7 @@ class JobStore:
     def delete_job(self, job_id: str) -> None:
         """Delete the job and everything stored for it; raise :class:`JobNotFoundError` if absent."""
         with self._errors(f"cannot delete job {job_id!r}"), self._primary.begin() as conn:
-            for table in (EVALUATION_BATCHES, CYCLES, CHECKPOINTS):
+            for table in (EVALUATION_BATCHES, CYCLES, CHECKPOINTS, ANOMALIES):
                 conn.execute(delete(table).where(table.c.job_id == job_id))
             if conn.execute(delete(JOBS).where(JOBS.c.id == job_id)).rowcount == 0:
                 raise _not_found(job_id)
@@ -414,6 +451,46 @@ class JobStore:
         ):
             rows = conn.execute(stmt).all()
         return [ev for c, data in rows for ev in _stored_evaluations(c, data)]
+
+    # -- anomalies ------------------------------------------------------------------------------
+
+    def add_anomalies(self, job_id: str, anomalies: Sequence[AnomalyLike]) -> None:
+        """Record anomalies found in the job's cycles; one already stored (same cycle and kind, as
+        when a resumed job replays a cycle it had not committed) is left as it is."""
+        if not anomalies:
+            return
+        now = _now()
+        rows = [
+            {
+                "job_id": job_id,
+                "cycle": a.cycle,
+                "kind": a.kind,
+                "message": a.message,
+                "evidence": _dumps(a.evidence, f"the evidence of anomaly {a.kind!r}"),
+                "created_at": now,
+            }
+            for a in anomalies
+        ]
+        keys = [ANOMALIES.c.job_id, ANOMALIES.c.cycle, ANOMALIES.c.kind]
+        with self._errors(f"cannot record anomalies of job {job_id!r}"), self._primary.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(postgresql.insert(ANOMALIES).on_conflict_do_nothing(index_elements=keys), rows)
+            else:
+                conn.execute(sqlite.insert(ANOMALIES).on_conflict_do_nothing(index_elements=keys), rows)
+
+    def anomalies(self, job_id: str, *, fresh: bool = False) -> list[StoredAnomaly]:
+        """The job's anomalies by cycle ([] for an unknown job), from the replica unless ``fresh``."""
+        t = ANOMALIES
+        stmt = select(t).where(t.c.job_id == job_id).order_by(t.c.cycle, t.c.kind)
+        with (
+            self._errors(f"cannot read the anomalies of job {job_id!r}"),
+            self._reader(fresh).connect() as conn,
+        ):
+            rows = conn.execute(stmt).all()
+        return [
+            StoredAnomaly(r.job_id, r.cycle, r.kind, r.message, orjson.loads(r.evidence), _utc(r.created_at))
+            for r in rows
+        ]
 
     # -- internals ------------------------------------------------------------------------------
 

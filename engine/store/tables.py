@@ -1,8 +1,8 @@
 """The store's tables. Rows never leave ``engine.store``: callers get the frozen values of ``job_store``.
 
 JSON columns are plain text written by orjson (the same bytes on SQLite and PostgreSQL); times are
-UTC. ``cycles``, ``evaluation_batches`` and ``checkpoints`` reference ``jobs`` with ``ON DELETE
-CASCADE`` (SQLite enforces it: the store turns ``PRAGMA foreign_keys`` on);
+UTC. ``cycles``, ``evaluation_batches``, ``checkpoints`` and ``anomalies`` reference ``jobs`` with
+``ON DELETE CASCADE`` (SQLite enforces it: the store turns ``PRAGMA foreign_keys`` on);
 :meth:`JobStore.delete_job` also deletes their rows explicitly.
 """
 
@@ -14,10 +14,12 @@ from sqlalchemy import BigInteger, DateTime, LargeBinary, Table, Text
 from sqlmodel import Field, SQLModel
 
 __all__ = [
+    "AnomalyRow",
     "CheckpointRow",
     "CycleRow",
     "EvaluationBatchRow",
     "JobRow",
+    "ANOMALIES",
     "CHECKPOINTS",
     "CYCLES",
     "EVALUATION_BATCHES",
@@ -108,10 +110,24 @@ class CheckpointRow(SQLModel, table=True):
     created_at: datetime = Field(sa_type=_TS)
 
 
+class AnomalyRow(SQLModel, table=True):
+    """An anomaly episode found in a job's cycles (``engine.observe.anomaly``); one per cycle and kind."""
+
+    __tablename__ = "anomalies"
+
+    job_id: str = Field(primary_key=True, max_length=200, foreign_key="jobs.id", ondelete="CASCADE")
+    cycle: int = Field(primary_key=True)
+    kind: str = Field(primary_key=True, max_length=40)
+    message: str = Field(sa_type=Text)
+    evidence: str = Field(sa_type=Text)
+    created_at: datetime = Field(sa_type=_TS)
+
+
 JOBS: Table = SQLModel.metadata.tables["jobs"]
 CYCLES: Table = SQLModel.metadata.tables["cycles"]
 EVALUATION_BATCHES: Table = SQLModel.metadata.tables["evaluation_batches"]
 CHECKPOINTS: Table = SQLModel.metadata.tables["checkpoints"]
+ANOMALIES: Table = SQLModel.metadata.tables["anomalies"]
 
 #: The tables :class:`~engine.store.JobStore` creates, parents first.
-STORE_TABLES: tuple[Table, ...] = (JOBS, CYCLES, EVALUATION_BATCHES, CHECKPOINTS)
+STORE_TABLES: tuple[Table, ...] = (JOBS, CYCLES, EVALUATION_BATCHES, CHECKPOINTS, ANOMALIES)

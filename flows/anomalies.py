@@ -1,0 +1,87 @@
+"""The anomaly observer of a ``refine`` flow run: each finding becomes a Prefect event, a log line
+and a row of the job's ``anomalies`` in the store.
+
+Events are named ``refinement.anomaly.<kind>`` (kinds: ``engine.observe.ANOMALY_KINDS``), with the
+job as their resource (``irefine.job.<job_id>``), the flow run as a related resource, and
+``{"job_id", "cycle", "message", "evidence": {...}}`` as payload: automations match on them (the
+``irefine setup`` alert notifies on ``refinement.anomaly.*`` with the message and evidence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from engine.core import CycleRecord
+from engine.observe import AnomalyDetector, Finding
+from engine.runner import Job
+from flows.observers import ObserverContext
+
+
+def anomaly_event_resource(job_id: str) -> dict[str, str]:
+    """The Prefect resource of a job's anomaly events."""
+    return {
+        "prefect.resource.id": f"irefine.job.{job_id}",
+        "prefect.resource.name": job_id,
+        "irefine.job-id": job_id,
+    }
+
+
+def emit_findings(job_id: str, findings: Sequence[Finding], flow_run_id: str | None) -> None:
+    """Send one Prefect event per finding (buffered by Prefect's events worker: returns at once)."""
+    from prefect.events import emit_event
+
+    related = []
+    if flow_run_id:
+        related = [
+            {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}
+        ]
+    for finding in findings:
+        emit_event(
+            finding.event,
+            resource=anomaly_event_resource(job_id),
+            related=related or None,
+            payload={
+                "job_id": job_id,
+                "cycle": finding.cycle,
+                "message": finding.message,
+                "evidence": finding.evidence,
+            },
+        )
+
+
+class AnomalyObserver:
+    """Feeds each committed cycle to the job's :class:`AnomalyDetector` and reports what it finds."""
+
+    def __init__(self, detector: AnomalyDetector, context: ObserverContext) -> None:
+        self._detector = detector
+        self._context = context
+
+    def __call__(self, job: Job, record: CycleRecord) -> None:
+        findings = self._detector.observe(record)
+        if not findings:
+            return
+        for finding in findings:
+            self._context.logger.warning(
+                "job %s: anomaly %s at cycle %d: %s", job.job_id, finding.kind, finding.cycle, finding.message
+            )
+        emit_findings(job.job_id, findings, self._context.flow_run_id)
+        self._context.store.add_anomalies(job.job_id, findings)
+
+    def finish(self, job: Job, result: dict[str, Any] | None, error: BaseException | None) -> None:
+        """Nothing to close: events are flushed by Prefect, findings are already stored."""
+
+
+def anomaly_observer(job: Job, context: ObserverContext) -> AnomalyObserver:
+    """The observer factory named in ``flows.observers.OBSERVER_FACTORIES``.
+
+    On resume the detector is rebuilt from the job's stored cycles, so a stall or a learned
+    normal cycle time carries over, and an episode reported before the crash is not reported again.
+    """
+    detector = AnomalyDetector.rebuild(
+        context.store.cycles(job.job_id, fresh=True),
+        maximize=job.maximize,
+        target=job.spec.target,
+        tolerance=job.spec.tolerance,
+    )
+    return AnomalyObserver(detector, context)

@@ -1,0 +1,201 @@
+"""The anomaly detector (engine.observe.anomaly): each rule on its pattern, silence on noisy normal
+series, one finding per episode, state rebuilt from stored cycles; and the store's anomalies."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import pytest
+
+from engine.core import CycleRecord
+from engine.observe import ANOMALY_KINDS, AnomalyDetector, DetectorConfig, Finding
+from engine.observe.anomaly import binomial_upper_tail
+
+
+def normal_series(
+    cycles: int = 80, *, seed: int = 0, rate: float = 0.08, **changes: object
+) -> list[CycleRecord]:
+    """A healthy job: steady convergence with noisy batch bests, cycle times with 10% noise and a
+    GC-like spike, 2% failures. ``changes`` maps a field to ``{cycle: value}`` overrides."""
+    rng = random.Random(seed)
+    best = math.inf
+    out = []
+    for cycle in range(1, cycles + 1):
+        batch = 100 * math.exp(-rate * cycle + rng.gauss(0, 0.3))
+        failed = sum(1 for _ in range(32) if rng.random() < 0.02)
+        duration = 2.0 * math.exp(rng.gauss(0, 0.1)) * (2.5 if cycle == 30 else 1.0)
+        values = {
+            "cycle": cycle,
+            "evaluations": 32,
+            "failed": failed,
+            "cached": 0,
+            "batch_best_score": batch,
+            "duration": duration,
+            "eval_seconds": 32 * 0.25 * math.exp(rng.gauss(0, 0.03)),
+        }
+        for name, overrides in changes.items():
+            if cycle in overrides:  # type: ignore[operator]
+                values[name] = overrides[cycle]  # type: ignore[index]
+        batch = values["batch_best_score"]  # type: ignore[assignment]
+        improved = batch < best
+        best = min(best, batch)
+        out.append(CycleRecord(improved=improved, best_score=best, **values))  # type: ignore[arg-type]
+    return out
+
+
+def run(records: list[CycleRecord], **kwargs: object) -> list[Finding]:
+    detector = AnomalyDetector(kwargs.pop("maximize", False), **kwargs)  # type: ignore[arg-type]
+    return [f for r in records for f in detector.observe(r)]
+
+
+def span(start: int, end: int, value: object) -> dict[int, object]:
+    return dict.fromkeys(range(start, end + 1), value)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_silent_on_noisy_normal_series(seed: int) -> None:
+    assert run(normal_series(seed=seed)) == []
+
+
+def _frozen_after(cycle: int) -> dict[int, object]:
+    """Batch bests that stop getting better at ``cycle`` (the population collapsed)."""
+    level = 100 * math.exp(-0.08 * cycle)
+    return {c: level * (1.02 + 0.001 * (c % 3)) for c in range(cycle, 81)}
+
+
+CASES = [
+    # (kind, overrides, first cycle it may be found, last)
+    ("failure_burst", {"failed": span(40, 42, 20)}, 40, 41),
+    ("slow_cycle", {"duration": span(40, 45, 7.0), "eval_seconds": span(40, 45, 28.0)}, 41, 42),
+    ("throughput_collapse", {"duration": span(40, 46, 7.0)}, 42, 43),
+    ("regression", {"batch_best_score": span(40, 45, 60.0)}, 42, 43),
+    ("stall", {"batch_best_score": _frozen_after(30)}, 31, 45),
+]
+
+
+@pytest.mark.parametrize(("kind", "changes", "first", "last"), CASES, ids=[c[0] for c in CASES])
+def test_each_rule_fires_once_on_its_pattern(kind: str, changes: dict, first: int, last: int) -> None:
+    findings = run(normal_series(**changes))
+    assert [f.kind for f in findings] == [kind], findings
+    finding = findings[0]
+    assert first <= finding.cycle <= last
+    assert finding.event == f"refinement.anomaly.{kind}"
+    assert finding.message.startswith(f"cycle {finding.cycle}")
+    assert finding.evidence and "message" not in finding.evidence
+
+
+@pytest.mark.parametrize(("kind", "changes", "first", "last"), CASES, ids=[c[0] for c in CASES])
+def test_direction_is_folded_in(kind: str, changes: dict, first: int, last: int) -> None:
+    """The same job maximising (scores negated) has the same anomalies."""
+    minimised = run(normal_series(**changes))
+    flipped = [
+        replace(
+            r,
+            best_score=-r.best_score if r.best_score is not None else None,
+            batch_best_score=-r.batch_best_score if r.batch_best_score is not None else None,
+        )
+        for r in normal_series(**changes)
+    ]
+    maximised = run(flipped, maximize=True)
+    assert [(f.kind, f.cycle) for f in maximised] == [(f.kind, f.cycle) for f in minimised]
+
+
+def test_one_finding_per_episode_and_a_new_one_after_it_clears() -> None:
+    failed = {**span(20, 30, 20), **span(50, 52, 20)}
+    findings = run(normal_series(failed=failed))
+    assert [(f.kind, f.cycle) for f in findings] == [("failure_burst", 20), ("failure_burst", 50)]
+
+
+def test_a_failure_burst_is_judged_against_the_jobs_usual_failure_rate() -> None:
+    """A job that always fails ~20% is not bursting at 9 of 32; one that never fails is."""
+    rng = random.Random(3)
+    flaky = {c: sum(1 for _ in range(32) if rng.random() < 0.2) for c in range(1, 81)}
+    assert run(normal_series(failed={**flaky, 50: 9})) == []
+    assert [f.kind for f in run(normal_series(failed=span(1, 80, 0) | {50: 9}))] == ["failure_burst"]
+
+
+def test_stall_needs_a_target_far_away() -> None:
+    """Frozen far from the target is a stall; frozen at 2% of the way from it is not."""
+    changes = {"batch_best_score": _frozen_after(30)}
+    records = normal_series(**changes)
+    frozen_best = records[-1].best_score
+    first_best = records[0].best_score
+    assert frozen_best is not None and first_best is not None
+    far = frozen_best - 0.5 * (first_best - frozen_best)
+    near = frozen_best - 0.02 * (first_best - frozen_best)
+    assert [f.kind for f in run(records, target=far)] == ["stall"]
+    assert run(records, target=near) == []
+
+
+def test_absolute_cycle_time_bound() -> None:
+    findings = run(normal_series(), config=DetectorConfig(max_cycle_seconds=4.0))
+    assert [(f.kind, f.cycle) for f in findings] == [("slow_cycle", 30)]  # the GC-like spike
+    assert findings[0].evidence["bound"] == 4.0
+
+
+def test_rebuilt_detector_continues_where_the_first_left_off() -> None:
+    """Resume: a detector rebuilt from stored cycles reports what an uninterrupted one would, and
+    not the episode that was already open (reported before the crash)."""
+    records = normal_series(failed={**span(20, 60, 20), **span(70, 72, 20)})
+    whole = run(records)
+    assert [(f.kind, f.cycle) for f in whole] == [("failure_burst", 20), ("failure_burst", 70)]
+    rebuilt = AnomalyDetector.rebuild(records[:40], maximize=False)
+    assert rebuilt.open_episodes == ["failure_burst"]
+    rest = [f for r in records[40:] for f in rebuilt.observe(r)]
+    assert [(f.kind, f.cycle) for f in rest] == [("failure_burst", 70)]
+
+
+def test_cycles_must_come_in_order() -> None:
+    detector = AnomalyDetector(maximize=False)
+    records = normal_series(3)
+    detector.observe(records[1])
+    with pytest.raises(ValueError, match="in order"):
+        detector.observe(records[0])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("failure_share_bound", 1.5), ("stall_cycles", 0), ("failure_alpha", 0.0)]
+)
+def test_config_rejects_bad_values(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        DetectorConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "p"), [(0, 5, 0.3), (3, 8, 0.05), (5, 5, 0.5), (9, 32, 0.02), (2, 3, 0.0)]
+)
+def test_binomial_upper_tail_is_exact(k: int, n: int, p: float) -> None:
+    exact = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+    assert binomial_upper_tail(k, n, p) == pytest.approx(exact, rel=1e-9, abs=1e-300)
+
+
+def test_kinds_are_stable() -> None:
+    assert ANOMALY_KINDS == ("failure_burst", "stall", "regression", "slow_cycle", "throughput_collapse")
+
+
+def test_store_keeps_anomalies_once_per_cycle_and_kind(sqlite_url: str) -> None:
+    from engine.core import JobSpec
+    from engine.store import JobStore
+
+    store = JobStore(sqlite_url)
+    try:
+        spec = JobSpec.parse({"problem": "sphere", "max_evaluations": 10})
+        store.create_job("a1", spec)
+        found = [
+            Finding("failure_burst", 3, "cycle 3: 9 of 16 failed", {"failed": 9, "share": 0.5625}),
+            Finding("stall", 7, "cycle 7: no improvement", {"cycles_without_improvement": 6}),
+        ]
+        store.add_anomalies("a1", found)
+        store.add_anomalies("a1", found[:1])  # a replayed cycle: kept once
+        stored = store.anomalies("a1", fresh=True)
+        assert [(a.cycle, a.kind, a.evidence) for a in stored] == [
+            (f.cycle, f.kind, f.evidence) for f in found
+        ]
+        assert stored[0].to_dict()["message"] == "cycle 3: 9 of 16 failed"
+        assert store.anomalies("nosuchjob") == []
+        store.delete_job("a1")
+        assert store.anomalies("a1", fresh=True) == []
+    finally:
+        store.close()
