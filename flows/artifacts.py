@@ -142,6 +142,7 @@ class ArtifactObserver:
     ) -> None:
         self._sender = _Sender(
             job.job_id,
+            job.progress.cycles + 1,
             UUID(str(context.flow_run_id)),
             context,
             progress_interval=PROGRESS_INTERVAL_S if progress_interval is None else progress_interval,
@@ -188,6 +189,7 @@ class _Sender:
     def __init__(
         self,
         job_id: str,
+        first_cycle: int,
         flow_run_id: UUID,
         context: ObserverContext,
         *,
@@ -210,6 +212,8 @@ class _Sender:
         self._settings = settings.model_copy() if settings is not None else None
         self._cond = threading.Condition()
         self._progress: tuple[float, str] | None = None
+        self._first_cycle = first_cycle
+        self._earlier: list[CycleRecord] | None = None
         self._records: list[CycleRecord] = []
         self._final: _Final | None = None
         self._ids: dict[str, UUID] = {}
@@ -260,9 +264,8 @@ class _Sender:
                         self._attempt("cycle table", self._send_table, client, self._history())
                     with self._cond:  # at most one progress update per interval; a close cuts it short
                         self._cond.wait_for(lambda: self._final is not None, timeout=self._progress_interval)
-        except Exception:
-            self.failures += 1
-            self._logger.warning("job %s: artifact sender stopped", self._job_id, exc_info=True)
+        except Exception as exc:
+            self._failed("keep sending artifacts (the sender stopped)", exc)
 
     def _send_final(self, client: Any, final: _Final) -> None:
         """The last progress, the full table and the summary, sent at once: ``finish`` waits for
@@ -286,18 +289,27 @@ class _Sender:
         try:
             send(*args)
         except Exception as exc:
+            self._failed(f"send the {what} artifact", exc)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        with self._cond:  # the final sends run on three threads
             self.failures += 1
-            log = self._logger.warning if self.failures == 1 else self._logger.debug
-            log("job %s: could not send the %s artifact: %s: %s", self._job_id, what, type(exc).__name__, exc)
+            first = self.failures == 1
+        log = self._logger.warning if first else self._logger.debug
+        log("job %s: could not %s: %s: %s", self._job_id, what, type(exc).__name__, exc)
 
     def _history(self) -> list[CycleRecord]:
-        """Every cycle of the job: those in the store, then this run's that it has not written yet
-        (the runner commits a cycle while the next one evaluates)."""
-        stored: list[CycleRecord] = list(self._store.cycles(self._job_id, fresh=True))
-        last = stored[-1].cycle if stored else 0
+        """Every cycle of the job: earlier runs' from the store (read once: they do not change),
+        then this run's as the loop reported them, which the store may not have yet (the runner
+        commits a cycle while the next one evaluates)."""
+        if self._earlier is None:
+            try:
+                stored = self._store.cycles(self._job_id, fresh=True) if self._first_cycle > 1 else []
+                self._earlier = [c for c in stored if c.cycle < self._first_cycle]
+            except Exception as exc:  # the table shows this run's cycles; the next send tries again
+                self._failed("read the earlier cycles", exc)
         with self._cond:
-            pending = [r for r in self._records if r.cycle > last]
-        return stored + pending
+            return (self._earlier or []) + self._records
 
     def _upsert(self, client: Any, kind: str, key: str, data: Any, description: str) -> None:
         """Create this run's version of the artifact ``key`` on first use, then update it."""
@@ -341,7 +353,7 @@ def summary_markdown(job: Job, status: str, reason: str, cycles: Sequence[CycleR
     return (
         f"# Job `{job.job_id}`: {status}\n\n"
         f"{spec.problem} with {spec.strategy}: {reason}\n\n"
-        "| | |\n|---|---|\n"
+        "| figure | value |\n|---|---|\n"
         f"| cycles | {p.cycles} |\n"
         f"| evaluations | {p.evaluations} ({p.failed} failed, {p.cached} from the cache) |\n"
         f"| best score | {best} |\n"

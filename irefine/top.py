@@ -3,7 +3,7 @@
 It needs neither Prefect nor the flow processes: everything it shows is in the store, which any
 number of readers can query while jobs write (SQLite in WAL mode, or PostgreSQL). Each frame lists
 the jobs whose status is ``running`` with their cycle, best score, evaluations per second over
-their last few cycles, evaluations, anomalies (when the store records them) and how long ago the
+their last few cycles, evaluations, anomalies found so far and how long ago the
 job last heartbeat, so that a job whose process died without saying so stands out.
 """
 
@@ -34,8 +34,7 @@ class JobLine:
     best_score: float | None
     evals_per_second: float | None
     evaluations: int
-    anomalies: int | None
-    """None when the store keeps no anomalies (shown as ``-``)."""
+    anomalies: int
     seconds_since_heartbeat: float | None
 
 
@@ -56,7 +55,6 @@ def throughput(cycles: Sequence[Any], recent: int = RECENT_CYCLES) -> float | No
 def job_lines(store: Any, now: datetime | None = None) -> list[JobLine]:
     """The running jobs in ``store``, oldest first (a job keeps its place from frame to frame)."""
     now = now or datetime.now(UTC)
-    count_anomalies = getattr(store, "anomalies", None)
     lines = []
     for job in reversed(store.list_jobs(JOBS_SCANNED)):
         if job.status.value != "running":
@@ -71,7 +69,7 @@ def job_lines(store: Any, now: datetime | None = None) -> list[JobLine]:
                 best_score=job.best_score,
                 evals_per_second=throughput(cycles),
                 evaluations=job.evaluations,
-                anomalies=len(count_anomalies(job.job_id)) if count_anomalies else None,
+                anomalies=len(store.anomalies(job.job_id)),
                 seconds_since_heartbeat=(now - seen).total_seconds() if seen else None,
             )
         )
@@ -110,7 +108,7 @@ def render_frame(lines: Sequence[JobLine], now: datetime | None = None) -> Any:
             "-" if line.best_score is None else f"{line.best_score:.6g}",
             "-" if line.evals_per_second is None else f"{line.evals_per_second:,.1f}",
             f"{line.evaluations:,}",
-            "-" if line.anomalies is None else str(line.anomalies),
+            str(line.anomalies),
             "-" if seen is None else f"{seen:,.0f} s ago",
         )
     return table

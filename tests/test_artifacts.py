@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +215,22 @@ def test_status_plot_writes_a_png_and_refuses_a_bad_path(ire_env, tmp_path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ire-home", "json.png", "plot.png"]
 
 
+@dataclass(frozen=True)
+class Finding:
+    cycle: int
+    kind: str
+    message: str
+    evidence: dict[str, Any]
+
+
 def test_top_once_shows_the_running_jobs_only(ire_env) -> None:
     finished_job("top-running")
     finished_job("top-done")
     store = JobStore.from_settings(load_settings())
     try:
         store.set_status("top-running", JobStatus.RUNNING)  # as a job whose process is mid-run
+        store.add_anomalies("top-running", [Finding(2, "stall", "no improvement", {}),
+                                            Finding(3, "slow_cycle", "slow", {})])  # fmt: skip
         job = store.get_job("top-running")
     finally:
         store.close()
@@ -230,7 +241,7 @@ def test_top_once_shows_the_running_jobs_only(ire_env) -> None:
     cells = line.split()
     assert cells[:3] == ["top-running", "running", str(job.cycles)]
     assert cells[3] == f"{job.best_score:.6g}" and float(cells[4].replace(",", "")) > 0
-    assert cells[5] == str(job.evaluations)
+    assert cells[5] == str(job.evaluations) and cells[6] == "2"
 
 
 def test_top_throughput_uses_the_wall_clock_between_recent_cycle_ends() -> None:
