@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -282,6 +282,9 @@ async def submit_job(
     except SpecError as exc:
         raise BadInput(str(exc)) from None
     waited = await take_submission_slot(client, wait=wait, on_wait=on_wait)
+    if waited > 0:  # the load and the time left have changed while waiting: route again
+        request = replace(request, submitted_at=datetime.now(UTC))
+        chosen = route(request, await read_load(client, pool, now=request.submitted_at))
     tags = ["irefine", f"queue:{chosen.queue}", f"job:{job_id}"]
     if chosen.at_risk:
         tags.append("at-risk")
