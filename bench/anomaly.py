@@ -219,7 +219,7 @@ def _p50(values: Sequence[float]) -> float | None:
 
 def score(runs: Sequence[Run], config: DetectorConfig | None = None) -> dict[str, Any]:
     """Run the detector over ``runs`` and score its findings against the injected episodes."""
-    hits = duplicates = false_alarms = normal_cycles = 0
+    hits = duplicates = cross_kind = false_alarms = normal_cycles = 0
     delays: list[int] = []
     per_kind = {
         k: {"episodes": 0, "detected": 0, "findings": 0, "false_alarms": 0, "delays": []}
@@ -238,8 +238,11 @@ def score(runs: Sequence[Run], config: DetectorConfig | None = None) -> dict[str
             per_kind[f.kind]["findings"] += 1
             episode = next((e for e, lo, hi in windows if e.kind == f.kind and lo <= f.cycle <= hi), None)
             if episode is None:
-                false_alarms += 1
                 per_kind[f.kind]["false_alarms"] += 1
+                if f.cycle in covered:
+                    cross_kind += 1  # during another kind's episode: a real anomaly, misnamed
+                else:
+                    false_alarms += 1
             elif episode in detected:
                 duplicates += 1
             else:
@@ -249,7 +252,7 @@ def score(runs: Sequence[Run], config: DetectorConfig | None = None) -> dict[str
                 per_kind[f.kind]["detected"] += 1
                 per_kind[f.kind]["delays"].append(f.cycle - episode.onset)
     episodes = sum(len(r.episodes) for r in runs)
-    findings_total = hits + duplicates + false_alarms
+    findings_total = hits + duplicates + cross_kind + false_alarms
     breakdown = {
         k: {
             "episodes": v["episodes"],
@@ -268,6 +271,7 @@ def score(runs: Sequence[Run], config: DetectorConfig | None = None) -> dict[str
         "episodes": episodes,
         "findings": findings_total,
         "duplicates": duplicates,
+        "cross_kind": cross_kind,
         "false_alarms": false_alarms,
         "normal_cycles": normal_cycles,
         "cycles": sum(len(r.records) for r in runs),

@@ -45,6 +45,7 @@ the normal, and cycles judged anomalous do not move it.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import statistics
@@ -99,13 +100,15 @@ class DetectorConfig:
 
     stall_cycles: int = 5
     """Cycles without improvement before a stall can be called."""
-    stall_window: int = 20
+    stall_window: int = 30
     """Cycles up to the last improvement from which the job's improvement rate ``p`` is learned."""
-    stall_alpha: float = 1e-3
+    stall_alpha: float = 1e-2
     """A stall needs a run of non-improving cycles this improbable at rate ``p``: (1 - p)^k < alpha."""
     stall_collapse_ratio: float = 0.1
     """...or just ``stall_cycles`` when the batch bests' spread fell below this share of its usual
     (the population collapsed onto a point: no lucky batch is coming)."""
+    stall_resume: int = 3
+    """Improvements that end a stall episode (a stalled search still draws the odd lucky batch)."""
     stall_far_share: float = 0.05
     """Still "far" while more than this share of the way remains: to the target, or without one
     to the floor the job's pace before the stall points at."""
@@ -128,9 +131,9 @@ class DetectorConfig:
     """Recent normal cycles that make up the learned normal duration and throughput."""
     timing_warmup: int = 5
     """Normal cycles to learn from before timing is judged."""
-    timing_z: float = 3.0
+    timing_z: float = 4.0
     """Robust standard deviations (of log duration or log throughput) that count as abnormal."""
-    timing_min_ratio: float = 1.5
+    timing_min_ratio: float = 1.8
     """...and at least this factor slower (a very steady job's tiny jitter is not an anomaly)."""
     timing_sigma_floor: float = 0.05
     """Least robust deviation of log duration assumed (5%): steady jobs are not over-sensitive."""
@@ -148,6 +151,7 @@ class DetectorConfig:
             "failure_window": self.failure_window,
             "stall_cycles": self.stall_cycles,
             "stall_window": self.stall_window,
+            "stall_resume": self.stall_resume,
             "regression_window": self.regression_window,
             "regression_cycles": self.regression_cycles,
             "regression_warmup": self.regression_warmup,
@@ -227,7 +231,8 @@ class AnomalyDetector:
         self._fail_recent: deque[tuple[int, int]] = deque(maxlen=c.failure_window)
         # progress (losses: lower is better, whatever the direction)
         self._first: tuple[int, float] | None = None  # the first scored cycle and its best
-        self._improvements: deque[tuple[int, float]] = deque()  # (cycle, best) of recent improvements
+        self._improvements: list[tuple[int, float]] = []  # (cycle, best) of every improvement
+        self._resumed = 0  # improvements since a stall was reported
         self._stall_batch: deque[float] = deque(maxlen=c.stall_cycles + 1)  # the last batch bests
         self._spreads: deque[float] = deque(maxlen=c.timing_window)  # their usual relative spread
         self._batch: deque[float] = deque(maxlen=12)  # the last normal batch bests
@@ -368,19 +373,29 @@ class AnomalyDetector:
             return None
         if record.improved:
             self._improvements.append((record.cycle, best))
-            horizon = record.cycle - max(c.stall_window, 2 * c.stall_cycles)
-            while len(self._improvements) > 1 and self._improvements[1][0] <= horizon:
-                self._improvements.popleft()  # keep one at or before the horizon
-            return None
+        # A stalled search still draws the odd lucky batch: a stall is over once the job has
+        # improved stall_resume times, not at its first lucky batch.
+        if not self._episodes["stall"].open:
+            self._resumed = 0
+        elif record.improved:
+            self._resumed += 1
+        evidence = None if record.improved else self._stall_evidence(record, best)
+        if evidence is None and self._episodes["stall"].open and self._resumed < c.stall_resume:
+            return {"message": ""}
+        return evidence
+
+    def _stall_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
+        c = self.config
+        assert self._first is not None
         last = self._improvements[-1][0]
         since = record.cycle - last
         collapsed = self._collapsed(record, best, since)
-        # The improvement rate over the stall_window cycles up to the last improvement (Laplace);
-        # a young job's window is padded with non-improving cycles: its first cycles improve on
-        # almost nothing, so they say little about its pace.
+        # The improvement rate over the stall_window cycles up to the last improvement, taken at
+        # the lower end of its 90% interval (Wilson): a young job's few cycles, or a job whose
+        # pace is slowing down, must not make an ordinary dry spell look improbable.
         start = max(last - c.stall_window + 1, self._first[0] + 2)
-        count = sum(1 for cycle, _ in self._improvements if cycle >= start)
-        rate = (count + 1) / (max(last - start + 1, c.stall_cycles) + 2)
+        count = len(self._improvements) - bisect.bisect_left(self._improvements, (start, -math.inf))
+        rate = _wilson_lower(count, max(last - start + 1, c.stall_cycles))
         needed = max(c.stall_cycles, math.ceil(math.log(c.stall_alpha) / math.log1p(-rate)))
         if collapsed is not None:
             needed = min(needed, c.stall_cycles)
@@ -397,6 +412,7 @@ class AnomalyDetector:
             "cycles_without_improvement": since,
             "needed_cycles": needed,
             "improvement_rate": rate,
+            "spread_vs_usual": collapsed,
             "best_score": record.best_score,
             "target": self.target,
             "reason": why,
@@ -440,9 +456,10 @@ class AnomalyDetector:
         gained = first_best - best
         if gained <= 0:
             return True, "no progress since the first cycle"
-        # No target: extrapolate the best's last two spans of stall_cycles geometrically (Aitken)
-        # to guess what is left to gain; a job that was closing in on its floor has converged.
-        h = c.stall_cycles
+        # No target: extrapolate the gains of the two halves of the job's life up to its last
+        # improvement geometrically (Aitken) to guess what was left to gain: a job that was
+        # closing in on its floor has converged, not stalled.
+        h = max(c.stall_cycles, (last_improvement - self._first[0]) // 2)
         b1, b2 = self._best_at(last_improvement - 2 * h), self._best_at(last_improvement - h)
         d1, d2 = b1 - b2, b2 - best
         if d2 >= d1:
@@ -456,13 +473,8 @@ class AnomalyDetector:
 
     def _best_at(self, cycle: int) -> float:
         """The job's best after ``cycle`` (the first best before the first cycle)."""
-        assert self._first is not None
-        value = self._first[1]
-        for at, best in self._improvements:
-            if at > cycle:
-                break
-            value = best
-        return value
+        i = bisect.bisect_right(self._improvements, (cycle, math.inf))
+        return self._improvements[i - 1][1] if i else self._improvements[0][1]
 
     # -- regressions ------------------------------------------------------------------------------
 
@@ -495,7 +507,7 @@ class AnomalyDetector:
             bound = max(c.regression_factor * usual, c.regression_min_excess)
             worse = excess > bound
         self._worse.append(worse)
-        if not worse:
+        if not worse and not self._episodes["stall"].open:  # a stalled search is not the norm
             self._batch.append(loss)
             self._excess.append(excess)
         # A regressed population still draws the odd normal-looking batch: count the worse
@@ -641,6 +653,14 @@ def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> st
         f"{e['usual_evaluations_per_second']:.3g} for {cycles} cycles while each evaluation costs as "
         "usual: the executor sat idle (lost workers, a stalled scheduler, store or cache?)"
     )
+
+
+def _wilson_lower(successes: int, trials: int, z: float = 1.645) -> float:
+    """The lower end of the Wilson score interval of a success rate (at least 1e-6)."""
+    p = successes / trials
+    centre = p + z * z / (2 * trials)
+    margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return max((centre - margin) / (1 + z * z / trials), 1e-6)
 
 
 def _quantile(values: Iterable[float], q: float) -> float:
