@@ -215,7 +215,7 @@ class JobMetrics:
         self.queue_wait_seconds: float | None = None
 
     def observe_cycle(self, record: CycleRecord, cache_misses: int = 0) -> None:
-        """Count one committed cycle (``cache_misses``: its look-ups that missed)."""
+        """Count one finished cycle (``cache_misses``: its look-ups that missed)."""
         latency = record.latency
         with self._lock:
             self._evaluations["ok"] += record.evaluations - record.failed - record.cached
