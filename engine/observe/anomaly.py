@@ -107,6 +107,8 @@ class DetectorConfig:
     stall_collapse_ratio: float = 0.1
     """...or just ``stall_cycles`` when the batch bests' spread fell below this share of its usual
     (the population collapsed onto a point: no lucky batch is coming)."""
+    stall_max_cycles: int = 25
+    """...but never more than this many: a job that far from its goal is stalled whatever its pace."""
     stall_resume: int = 3
     """Improvements that end a stall episode (a stalled search still draws the odd lucky batch)."""
     stall_far_share: float = 0.05
@@ -152,6 +154,7 @@ class DetectorConfig:
             "stall_cycles": self.stall_cycles,
             "stall_window": self.stall_window,
             "stall_resume": self.stall_resume,
+            "stall_max_cycles": self.stall_max_cycles,
             "regression_window": self.regression_window,
             "regression_cycles": self.regression_cycles,
             "regression_warmup": self.regression_warmup,
@@ -233,7 +236,7 @@ class AnomalyDetector:
         self._first: tuple[int, float] | None = None  # the first scored cycle and its best
         self._improvements: list[tuple[int, float]] = []  # (cycle, best) of every improvement
         self._resumed = 0  # improvements since a stall was reported
-        self._stall_batch: deque[float] = deque(maxlen=c.stall_cycles + 1)  # the last batch bests
+        self._stall_batch: deque[float] = deque(maxlen=4 * c.stall_cycles)  # the last batch bests
         self._spreads: deque[float] = deque(maxlen=c.timing_window)  # their usual relative spread
         self._batch: deque[float] = deque(maxlen=12)  # the last normal batch bests
         self._excess: deque[float] = deque(maxlen=c.regression_window)  # their excess (see _regression)
@@ -397,6 +400,7 @@ class AnomalyDetector:
         count = len(self._improvements) - bisect.bisect_left(self._improvements, (start, -math.inf))
         rate = _wilson_lower(count, max(last - start + 1, c.stall_cycles))
         needed = max(c.stall_cycles, math.ceil(math.log(c.stall_alpha) / math.log1p(-rate)))
+        needed = min(needed, max(c.stall_max_cycles, c.stall_cycles))
         if collapsed is not None:
             needed = min(needed, c.stall_cycles)
         if since < needed:
@@ -421,12 +425,15 @@ class AnomalyDetector:
     def _collapsed(self, record: CycleRecord, best: float, since: int) -> float | None:
         """The population's spread relative to its usual, when it has collapsed (else None).
 
-        The spread is the batch-to-batch change of the last ``stall_cycles`` batch bests over
-        their height above the best: it stays put while a job converges (both shrink together)
+        The spread is the batch-to-batch change of recent batch bests over their height above
+        the best: it stays put while a job converges (both shrink together)
         and drops when the search collapses onto a point that is not getting better.
         """
         c = self.config
         recent = list(self._stall_batch)
+        # Judged over the whole dry spell (more batches, a steadier median); learned over the
+        # last stall_cycles + 1 while the job improves.
+        recent = recent[-max(c.stall_cycles + 1, min(since, len(recent))) :]
         if len(recent) < c.stall_cycles:
             return None
         height = statistics.median(recent) - best
@@ -456,19 +463,20 @@ class AnomalyDetector:
         gained = first_best - best
         if gained <= 0:
             return True, "no progress since the first cycle"
-        # No target: extrapolate the gains of the two halves of the job's life up to its last
-        # improvement geometrically (Aitken) to guess what was left to gain: a job that was
-        # closing in on its floor has converged, not stalled.
-        h = max(c.stall_cycles, (last_improvement - self._first[0]) // 2)
+        # No target: split the job's life up to its last improvement in three spans and, if the
+        # gains shrank from the second to the third, extrapolate them geometrically (Aitken) to
+        # what was left to gain: a job closing in on its floor has converged, not stalled.
+        h = max(c.stall_cycles, (last_improvement - self._first[0]) // 3)
         b1, b2 = self._best_at(last_improvement - 2 * h), self._best_at(last_improvement - h)
-        d1, d2 = b1 - b2, b2 - best
-        if d2 >= d1:
-            return True, f"it gained as much in the last {h} cycles before as in the {h} before those"
-        ratio = d2 / d1
-        left = d2 * ratio / (1 - ratio)
+        d2, d3 = b1 - b2, b2 - best
+        if d3 >= d2:
+            return True, f"its gains did not slow down over the last {2 * h} cycles before"
+        ratio = d3 / d2
+        left = d3 * ratio / (1 - ratio)
         share = left / (gained + left)
-        return share > c.stall_far_share, (
-            f"its pace before suggested {share:.0%} of the way to its floor was left"
+        return (
+            share > c.stall_far_share,
+            f"its pace before suggested {share:.0%} of the way to its floor was left",
         )
 
     def _best_at(self, cycle: int) -> float:
