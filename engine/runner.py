@@ -43,6 +43,7 @@ from engine.core import (
 )
 from engine.core.cycle import too_many_failures
 from engine.execution import Executor, ProblemRef, Writeback
+from engine.observe.anomaly import AnomalyDetector
 from engine.observe.logs import bind_log_context, set_log_cycle
 from engine.problems import load_problem, problem_space
 from engine.store import JobStatus, JobStore
@@ -297,6 +298,53 @@ def record(
     return cycle
 
 
+class StallRestarter:
+    """``restart_on_stall``: when the job stalls, restart its strategy from the best candidate.
+
+    A strategy that takes a start point (CMA-ES: ``x0``) restarts there with the spec's other
+    parameters; one that takes none (random search, TPE) restarts afresh. Either way with a new
+    seed (the spec's plus the cycle), so the restart is reproducible. The restarted strategy is in
+    the next cycle's checkpoint. The detector is rebuilt from the stored cycles, so a stall acted
+    on before a resume is not acted on again.
+    """
+
+    def __init__(self, job: Job, store: JobStore) -> None:
+        self._detector = AnomalyDetector.rebuild(
+            store.cycles(job.job_id, fresh=True),
+            maximize=job.maximize,
+            target=job.spec.target,
+            tolerance=job.spec.tolerance,
+        )
+
+    def __call__(self, job: Job, record: CycleRecord) -> None:
+        if any(finding.kind == "stall" for finding in self._detector.observe(record)):
+            restart_strategy(job, record.cycle)
+
+
+def restart_strategy(job: Job, cycle: int) -> None:
+    """Replace the job's strategy by a fresh one started from its best candidate (see above)."""
+    spec, best = job.spec, job.progress.best_candidate
+    seed = (spec.seed + cycle) % 2**32
+    params = dict(spec.strategy_params)
+    if best is not None:
+        try:
+            job.strategy = make_strategy(spec.strategy, job.space, seed, {**params, "x0": best})
+        except SpecError:  # the strategy takes no start point: restart it afresh below
+            log.debug("strategy %s takes no start point", spec.strategy)
+        else:
+            log.warning(
+                "job %s stalled at cycle %d: %s restarted from the best candidate",
+                job.job_id,
+                cycle,
+                spec.strategy,
+            )
+            return
+    job.strategy = make_strategy(spec.strategy, job.space, seed, params)
+    log.warning(
+        "job %s stalled at cycle %d: %s restarted with seed %d", job.job_id, cycle, spec.strategy, seed
+    )
+
+
 def run_job(
     job: Job,
     store: JobStore,
@@ -317,6 +365,7 @@ def run_job(
     if cache is not None and job.spec.cache != "off":
         job.cache, job.cache_config = process_cache(cache), cache
     committer = CycleCommitter(store)
+    restarter = StallRestarter(job, store) if job.spec.restart_on_stall else None
     store.set_status(job.job_id, JobStatus.RUNNING)
     unbind_log_context = bind_log_context(job_id=job.job_id)
     try:
@@ -341,6 +390,8 @@ def run_job(
             )
             for listener in listeners:
                 listener(job, cycle)
+            if restarter is not None:
+                restarter(job, cycle)
             if too_many_failures(job.spec, cycle):
                 committer.flush()
                 error = (

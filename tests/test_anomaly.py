@@ -3,6 +3,7 @@ series, one finding per episode, state rebuilt from stored cycles; and the store
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import replace
@@ -219,3 +220,53 @@ def test_bench_scoring_on_a_small_labelled_set() -> None:
     assert report["precision"] >= 0.8 and report["recall"] >= 0.8
     for kind in ("failure_burst", "slow_cycle", "throughput_collapse"):
         assert report["per_kind"][kind]["recall"] >= 0.85, report["per_kind"][kind]
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_restart_on_stall_restarts_the_strategy_from_the_best_candidate(
+    restart: bool, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CMA-ES on rastrigin settles in a local minimum far from the target 0: a stall. With
+    restart_on_stall (off by default) it restarts from its best candidate."""
+    from engine.core import JobSpec
+    from engine.execution import InProcessExecutor
+    from engine.runner import create_job, run_job
+    from engine.store import JobStore
+
+    spec = JobSpec.parse(
+        {
+            "problem": "rastrigin",
+            "problem_params": {"dim": 3},
+            "strategy": "cmaes",
+            "batch_size": 8,
+            "max_cycles": 50,
+            "max_evaluations": None,
+            "target": 0.0,
+            "tolerance": 1e-3,
+            "seed": 0,
+            "cache": "off",
+            "restart_on_stall": restart,
+        }
+    )
+    assert JobSpec.parse({"problem": "sphere"}).restart_on_stall is False
+    store = JobStore(sqlite_url)
+    try:
+        job = create_job(store, spec, f"restart-{restart}")
+        with caplog.at_level(logging.WARNING, logger="engine.runner"):
+            run_job(job, store, InProcessExecutor())
+        stall_cycles = [f.cycle for f in run(store.cycles(job.job_id), target=0.0, tolerance=1e-3)]
+    finally:
+        store.close()
+    assert stall_cycles, "the job did not stall"
+    restarts = [r.getMessage() for r in caplog.records if "restarted" in r.getMessage()]
+    state = job.strategy.state()
+    if not restart:
+        assert restarts == [] and state["seed"] == 0
+        return
+    assert restarts == [
+        f"job restart-True stalled at cycle {stall_cycles[0]}: cmaes restarted from the best candidate"
+    ]
+    assert state["seed"] == stall_cycles[0]
+    best = job.progress.best_candidate
+    assert best is not None
+    assert state["x0"] == pytest.approx(list(job.space.encode([best])[0]), abs=1e-9)

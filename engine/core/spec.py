@@ -35,6 +35,9 @@ class JobSpec(BaseModel):
     )
     cache_ttl_seconds: float | None = Field(None, gt=0, description="entry lifetime; default: the settings'")
     cache_failures: bool = Field(False, description="cache failed evaluations too (deterministic failures)")
+    restart_on_stall: bool = Field(
+        False, description="restart the strategy from the best candidate when the job stalls (see anomalies)"
+    )
 
     @model_validator(mode="after")
     def _bounded(self) -> JobSpec:

@@ -139,6 +139,8 @@ class DetectorConfig:
     """...and at least this factor slower (a very steady job's tiny jitter is not an anomaly)."""
     timing_sigma_floor: float = 0.05
     """Least robust deviation of log duration assumed (5%): steady jobs are not over-sensitive."""
+    timing_min_seconds: float = 0.02
+    """Cycles shorter than this are never slow: millisecond cycles jitter by multiples, harmlessly."""
     timing_cycles: int = 2
     """Slow cycles needed among the last ``timing_cycles + 1`` (one busy neighbour is noise)."""
     collapse_cycles: int = 3
@@ -189,6 +191,8 @@ class DetectorConfig:
             raise ValueError(
                 "regression_factor, regression_min_excess, timing_z and timing_min_ratio must be positive"
             )
+        if self.timing_min_seconds < 0:
+            raise ValueError(f"timing_min_seconds must not be negative, got {self.timing_min_seconds}")
         if self.timing_sigma_floor <= 0:
             raise ValueError(f"timing_sigma_floor must be positive, got {self.timing_sigma_floor}")
 
@@ -556,7 +560,7 @@ class AnomalyDetector:
         t = self._timing
         if self._skip_timing:
             self._skip_timing -= 1
-        elif len(t.duration) >= c.timing_warmup:
+        elif len(t.duration) >= c.timing_warmup and record.duration >= c.timing_min_seconds:
             slow, collapse = self._judge_timing(log_d, log_tp, log_cost)
             if slow is None and collapse is None:
                 self._learn_timing(log_d, log_tp, log_cost)
