@@ -182,7 +182,7 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
             name=PAUSE_ON_FAILURES,
             description=(
                 f"{policy.failure_burst} failed or crashed {FLOW_NAME} runs on one work queue within "
-                f"{policy.failure_window} pause that queue (irefine setup)."
+                f"{policy.failure_window.total_seconds():g} s pause that queue (irefine setup)."
             ),
             trigger=EventTrigger(
                 expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
@@ -334,7 +334,10 @@ async def ensure_automations(
             f"at most {policy.max_crash_resumes} resumes per flow run, "
             f"{policy.crash_settle.total_seconds():g} s after the crash"
         ),
-        PAUSE_ON_FAILURES: f"{policy.failure_burst} failures within {policy.failure_window}",
+        PAUSE_ON_FAILURES: (
+            f"{policy.failure_burst} failed or crashed runs of a queue within "
+            f"{policy.failure_window.total_seconds():g} s pause it"
+        ),
     }
     for wanted in automation_specs(block_id, policy):
         detail = details.get(wanted.name, "")
