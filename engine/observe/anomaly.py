@@ -94,7 +94,7 @@ class Finding:
 @dataclass(frozen=True, slots=True)
 class DetectorConfig:
     """Bounds and sensitivities of the detector. The defaults were chosen on ``bench/anomaly.py``
-    (precision 0.89, recall 0.92, 0.065 false alarms per 100 normal cycles, delay p50 2 cycles:
+    (precision 0.89, recall 0.92, 0.057 false alarms per 100 normal cycles, delay p50 2 cycles:
     see bench/README.md for where they fall short of the 0.95 goals)."""
 
     failure_share_bound: float = 0.25
@@ -337,7 +337,10 @@ class AnomalyDetector:
     def _failure_burst(self, record: CycleRecord) -> dict[str, Any] | None:
         c = self.config
         failures, evaluations = self._fail_clean
-        rate = failures / evaluations
+        # The upper end of the usual rate's 90% interval: a job seen for a few cycles may fail
+        # more often than it has so far, and a handful of failures must not look like a burst.
+        usual = failures / evaluations
+        rate = _wilson_bounds(failures, evaluations)[1]
         self._fail_recent.append((record.failed, record.evaluations))
         pooled_failed = sum(f for f, _ in self._fail_recent)
         pooled_n = sum(n for _, n in self._fail_recent)
@@ -355,12 +358,13 @@ class AnomalyDetector:
                 evidence = {
                     "message": (
                         f"cycle {record.cycle}: {failed} of {n} evaluations failed ({failed / n:.0%}) "
-                        f"over the {scope}, against a usual {rate:.1%}"
+                        f"over the {scope}, against a usual {usual:.1%}"
                     ),
                     "failed": failed,
                     "evaluations": n,
                     "failure_share": failed / n,
-                    "usual_failure_share": rate,
+                    "usual_failure_share": usual,
+                    "tested_share": rate,
                     "scope": scope,
                     "probability": tail,
                     "bound": c.failure_share_bound,
@@ -412,7 +416,7 @@ class AnomalyDetector:
         # pace is slowing down, must not make an ordinary dry spell look improbable.
         start = max(last - c.stall_window + 1, self._first[0] + 2)
         count = len(self._improvements) - bisect.bisect_left(self._improvements, (start, -math.inf))
-        rate = _wilson_lower(count, max(last - start + 1, c.stall_cycles))
+        rate = _wilson_bounds(count, max(last - start + 1, c.stall_cycles))[0]
         needed = max(c.stall_cycles, math.ceil(math.log(c.stall_alpha) / math.log1p(-rate)))
         needed = min(needed, max(c.stall_max_cycles, c.stall_cycles))
         if collapsed is not None:
@@ -677,12 +681,13 @@ def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> st
     )
 
 
-def _wilson_lower(successes: int, trials: int, z: float = 1.645) -> float:
-    """The lower end of the Wilson score interval of a success rate (at least 1e-6)."""
+def _wilson_bounds(successes: float, trials: float, z: float = 1.645) -> tuple[float, float]:
+    """The Wilson score interval of a success rate (90% by default), kept inside [1e-6, 1]."""
     p = successes / trials
     centre = p + z * z / (2 * trials)
     margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
-    return max((centre - margin) / (1 + z * z / trials), 1e-6)
+    scale = 1 + z * z / trials
+    return max((centre - margin) / scale, 1e-6), min((centre + margin) / scale, 1.0)
 
 
 def _quantile(values: Iterable[float], q: float) -> float:
