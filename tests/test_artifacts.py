@@ -6,9 +6,11 @@ import asyncio
 import base64
 import json
 import re
+import signal
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,3 +265,23 @@ def test_top_throughput_uses_the_wall_clock_between_recent_cycle_ends() -> None:
     assert throughput([cycle(1, 10, 0.5)]) == 20.0
     cycles = [cycle(i, 100 if i < 4 else 10, 1.0) for i in range(1, 10)]
     assert throughput(cycles, recent=5) == 50 / 10  # the last five cycles' 10 evaluations each, 2 s apart
+
+
+def test_top_refreshes_until_ctrl_c_then_exits_0(ire_env) -> None:
+    finished_job("top-live")
+    top = subprocess.Popen(
+        [sys.executable, "-m", "irefine", "top"],
+        env=ire_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A child of a non-interactive shell may inherit SIGINT ignored; Ctrl-C must reach this one.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(4)  # start-up, then a few refreshes
+    assert top.poll() is None, top.communicate()
+    top.send_signal(signal.SIGINT)
+    out, err = top.communicate(timeout=30)
+    assert top.returncode == 0, err
+    assert "irefine top: 0 running jobs" in out and err == ""
