@@ -43,7 +43,7 @@ from engine.core import (
 )
 from engine.core.cycle import too_many_failures
 from engine.execution import Executor, ProblemRef, Writeback
-from engine.observe.anomaly import AnomalyDetector
+from engine.observe.anomaly import AnomalyDetector, DetectorConfig
 from engine.observe.logs import bind_log_context, set_log_cycle
 from engine.problems import load_problem, problem_space
 from engine.store import JobStatus, JobStore
@@ -128,10 +128,19 @@ def new_job_id() -> str:
 
 def build_job(job_id: str, spec: JobSpec) -> Job:
     """Load the problem and make a fresh strategy; raises SpecError on bad input (nothing written)."""
+    anomaly_config(spec)
     problem = load_problem(spec.problem, dict(spec.problem_params))
     space = problem_space(problem)
     strategy = make_strategy(spec.strategy, space, spec.seed, dict(spec.strategy_params))
     return Job(job_id, spec, problem, space, strategy)
+
+
+def anomaly_config(spec: JobSpec) -> DetectorConfig:
+    """The job's anomaly detector settings: the defaults with the spec's ``anomaly_params``."""
+    try:
+        return DetectorConfig.from_params(spec.anomaly_params)
+    except ValueError as exc:
+        raise SpecError(f"anomaly_params: {exc}") from None
 
 
 def create_job(store: JobStore, spec: JobSpec, job_id: str | None = None) -> Job:
@@ -314,6 +323,7 @@ class StallRestarter:
             maximize=job.maximize,
             target=job.spec.target,
             tolerance=job.spec.tolerance,
+            config=anomaly_config(job.spec),
         )
 
     def __call__(self, job: Job, record: CycleRecord) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.core import CycleRecord
 from engine.observe import AnomalyDetector, Finding
-from engine.runner import Job
+from engine.runner import Job, anomaly_config
 from flows.observers import ObserverContext
 
 
@@ -83,5 +83,6 @@ def anomaly_observer(job: Job, context: ObserverContext) -> AnomalyObserver:
         maximize=job.maximize,
         target=job.spec.target,
         tolerance=job.spec.tolerance,
+        config=anomaly_config(job.spec),
     )
     return AnomalyObserver(detector, context)

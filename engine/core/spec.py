@@ -38,6 +38,10 @@ class JobSpec(BaseModel):
     restart_on_stall: bool = Field(
         False, description="restart the strategy from the best candidate when the job stalls (see anomalies)"
     )
+    anomaly_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="anomaly detector settings (DetectorConfig fields), e.g. max_cycle_seconds",
+    )
 
     @model_validator(mode="after")
     def _bounded(self) -> JobSpec:

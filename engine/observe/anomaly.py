@@ -59,7 +59,7 @@ import itertools
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -158,6 +158,36 @@ class DetectorConfig:
 
     clear_cycles: int = 2
     """Clear cycles after which an episode ends and the same kind may be reported again."""
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> DetectorConfig:
+        """The defaults with ``params`` (a spec's ``anomaly_params``) laid over them.
+
+        Raises ValueError with one line naming the bad key: an unknown name, a value of the wrong
+        type (a whole number where one is counted, a number where one is measured), or one out of
+        range.
+        """
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name, value in params.items():
+            if name not in cls.__dataclass_fields__:
+                known = ", ".join(sorted(cls.__dataclass_fields__))
+                raise ValueError(f"unknown setting {name!r} (known: {known})")
+            default = getattr(defaults, name)
+            if name == "failure_prior":
+                ok = isinstance(value, list | tuple) and len(value) == 2 and all(map(_is_number, value))
+                if not ok:
+                    raise ValueError(f"{name} must be [failures, evaluations], got {value!r}")
+                value = (float(value[0]), float(value[1]))
+            elif isinstance(default, int) and not isinstance(default, bool):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(f"{name} must be a whole number, got {value!r}")
+            elif value is not None or name != "max_cycle_seconds":
+                if not _is_number(value):
+                    raise ValueError(f"{name} must be a number, got {value!r}")
+                value = float(value)
+            values[name] = value
+        return cls(**values)
 
     def __post_init__(self) -> None:
         positive = {
@@ -679,6 +709,10 @@ def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> st
         f"{e['usual_evaluations_per_second']:.3g} for {cycles} cycles while each evaluation costs as "
         "usual: the executor sat idle (lost workers, a stalled scheduler, store or cache?)"
     )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _wilson_bounds(successes: float, trials: float, z: float = 1.645) -> tuple[float, float]:
