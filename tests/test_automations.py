@@ -6,7 +6,6 @@ of an uninterrupted run."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -282,16 +281,23 @@ def test_deadline_missed_event_and_notification(
 
 
 @pytest.fixture(scope="module")
+def refine_deployment(setup_twice: list[Any], prefect_api: str) -> None:
+    """The ``refine`` deployment of prefect.yaml on irefine-local."""
+    from tests.prefect_project import deploy
+
+    deploy(prefect_api, "refine")
+
+
+@pytest.fixture(scope="module")
 def process_worker(
-    setup_twice: list[Any], prefect_api: str, postgres_server: Any, tmp_path_factory: pytest.TempPathFactory
+    refine_deployment: None, prefect_api: str, postgres_server: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
-    """The ``refine`` deployment (prefect.yaml) and a process worker of irefine-local whose flow
-    runs keep their jobs in a PostgreSQL store this test process reads too."""
-    from tests.prefect_project import ProcessWorker, deploy
+    """A process worker of irefine-local whose flow runs keep their jobs in a PostgreSQL store
+    this test process reads too."""
+    from tests.prefect_project import ProcessWorker
 
     home = tmp_path_factory.mktemp("automations")
     store_env = {"IRE_DATABASE_URL": postgres_server.new_database(), "IRE_HOME": str(home / "ire-home")}
-    deploy(prefect_api, "refine")
     worker = ProcessWorker(
         prefect_api,
         "irefine-local",
@@ -383,7 +389,7 @@ def test_failure_burst_pauses_the_queue_and_notifies(
 def test_killed_job_is_resumed_to_the_uninterrupted_result(
     process_worker: dict[str, str], receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engine.core import JobSpec
+    from engine.core import JobNotFoundError, JobSpec
     from engine.store import JobStatus, JobStore
     from flows.refine import run_refine
 
@@ -392,7 +398,7 @@ def test_killed_job_is_resumed_to_the_uninterrupted_result(
         "problem_params": {"ms": 150},
         "strategy": "cmaes",
         "batch_size": 4,
-        "max_evaluations": 48,
+        "max_evaluations": 64,
         "seed": 11,
         "cache": "off",
     }
@@ -404,13 +410,15 @@ def test_killed_job_is_resumed_to_the_uninterrupted_result(
             run.id, lambda r: r.state_name == "Running" and r.infrastructure_pid, 240, "running"
         )
         pid = int(str(running.infrastructure_pid).rsplit(":", 1)[-1])
-        cycles = 0
+        cycles, error = 0, None
         deadline = time.monotonic() + 120
         while cycles < 2 and time.monotonic() < deadline:  # at least one committed cycle
-            with contextlib.suppress(Exception):  # the job row may not exist yet
+            try:
                 cycles = store.get_job(job_id, fresh=True).cycles
+            except JobNotFoundError as exc:  # not created yet
+                error = exc
             time.sleep(0.1)
-        assert 2 <= cycles < 12, f"job at cycle {cycles}: cannot kill it mid-run"
+        assert 2 <= cycles < 16, f"job at cycle {cycles} ({error}): cannot kill it mid-run"
         os.kill(pid, signal.SIGKILL)  # the flow run's own process; the worker lives on
 
         final = _wait_run(run.id, lambda r: r.state_name == "Completed", 300, "completed after its crash")
@@ -422,7 +430,7 @@ def test_killed_job_is_resumed_to_the_uninterrupted_result(
         assert "crashed on run 1" in resumed["body"]
 
         record = store.get_job(job_id, fresh=True)
-        assert record.status is JobStatus.COMPLETED and record.evaluations == 48
+        assert record.status is JobStatus.COMPLETED and record.evaluations == 64
     finally:
         store.close()
 
@@ -432,3 +440,42 @@ def test_killed_job_is_resumed_to_the_uninterrupted_result(
     reference = run_refine(spec=JobSpec.parse(spec), job_id=f"{job_id}-reference", executor="local")
     assert reference["best_score"] == record.best_score
     assert reference["best_candidate"] == record.best_candidate
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_crash_resumes_are_capped(refine_deployment: None, receiver: WebhookReceiver) -> None:
+    """With a cap of 1 (and the shortest settle time), a run that crashed on its first start is
+    rescheduled, and after crashing on its second it stays Crashed. The states are set through the
+    API (the server emits the same events as for a worker's run) on a paused queue, so no worker
+    takes the rescheduled run."""
+    from prefect.states import Crashed, Running
+
+    policy = AutomationPolicy(max_crash_resumes=1, crash_settle=timedelta(seconds=10))
+    _setup(notify_webhook_url=receiver.url, automation_policy=policy)
+    critical = _queue("critical")
+    _client_call(lambda client: client.update_work_queue(critical.id, is_paused=True))
+    try:
+        spec = {"problem": SLOW, "max_evaluations": 4}
+        (run,) = _create_runs({"spec": spec, "executor": "local"}, "critical")
+
+        def crash() -> None:
+            async def go(client: Any) -> None:
+                await client.set_flow_run_state(run.id, Running(), force=True)
+                await client.set_flow_run_state(run.id, Crashed(message="killed by the test"), force=True)
+
+            _client_call(go)
+
+        crash()
+        rescheduled = _wait_run(run.id, lambda r: r.state_name == "AwaitingRetry", 90, "rescheduled")
+        assert rescheduled.run_count == 1
+        crash()
+        assert _read_run(run.id).run_count == 2
+        time.sleep(policy.crash_settle.total_seconds() + 12)  # past the settle and the next evaluation
+        final = _read_run(run.id)
+        assert final.state_name == "Crashed", _states(run.id)
+        assert _states(run.id).count("AwaitingRetry") == 1
+    finally:
+        _client_call(lambda client: client.update_work_queue(critical.id, is_paused=False))
+        _setup(notify_webhook_url=receiver.url)
