@@ -26,7 +26,7 @@ from engine.cache import CacheConfig
 from engine.core import JobExistsError, JobNotFoundError, JobSpec, SpecError, TransientError
 from engine.execution import Executor, InProcessExecutor
 from engine.problems import describe_problem, load_problem
-from engine.runner import CycleListener, create_job, resume_job, run_job
+from engine.runner import CycleListener, StageRunner, create_job, resume_job, run_job
 from engine.settings import load_settings
 from engine.store import JobStatus, JobStore
 from flows.observers import ObserverContext, Observers
@@ -193,6 +193,44 @@ def running_job_slot() -> Iterator[None]:
         yield
 
 
+def evaluation_slots(stages: StageRunner) -> StageRunner:
+    """In a deployment run, ``stages`` with each cycle's evaluate stage inside slots of the global
+    limit ``irefine-evaluations``: one slot per shard it fans out (at most the whole limit), so
+    all jobs together keep at most that many shards in flight. ``strict``: a missing limit fails
+    the run. In-process runs (``irefine run``) take none: their stages are ``stages`` itself.
+    """
+    if not deployment.get_id():
+        return stages
+    from prefect import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.setup import EVALUATIONS_LIMIT
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(EVALUATIONS_LIMIT).limit
+        except ObjectNotFound:
+            raise SpecError(f"no global limit {EVALUATIONS_LIMIT!r}: run `irefine setup`") from None
+
+    def run(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
+        if stage != "evaluate":
+            return stages(stage, cycle, fn, *args)
+        job, runner, candidates = args  # engine.runner.evaluate(job, executor, candidates)
+        shard_count = getattr(runner, "shard_count", None)
+        shards = shard_count(len(candidates), job.spec.shard_size) if shard_count else 1
+        with concurrency(
+            EVALUATIONS_LIMIT,
+            occupy=max(1, min(limit, shards)),
+            strict=True,
+            lease_duration=JOB_SLOT_LEASE_SECONDS,
+            raise_on_lease_renewal_failure=False,
+        ):
+            return stages(stage, cycle, fn, *args)
+
+    return run
+
+
 def open_executor(kind: Literal["dask", "local"], dask_address: str | None) -> Executor:
     """The executor for a flow run: one Dask client for the whole run, or in-process."""
     if kind == "local":
@@ -255,7 +293,7 @@ def refine(
                 job,
                 store,
                 runner,
-                stages=prefect_stage,
+                stages=evaluation_slots(prefect_stage),
                 listeners=[*hooks.listeners, observers],
                 cache=cache_config,
             )
