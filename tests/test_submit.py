@@ -44,6 +44,14 @@ def _client_call(fn: Any) -> Any:
     return asyncio.run(go())
 
 
+def test_help_names_the_exit_codes(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        make_parser().parse_args(["submit", "--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: irefine submit" in out and "3 rate limit reached with --no-wait" in out
+
+
 def test_deadline_durations_and_datetimes() -> None:
     now = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
     assert parse_deadline("30m", now) == now + timedelta(minutes=30)
@@ -322,3 +330,30 @@ def test_bad_input_on_the_command_line_is_one_line_exit_2(project: str, tmp_path
     assert no_server.returncode == 2
     lines = no_server.stderr.strip().splitlines()
     assert len(lines) == 1 and "PREFECT_API_URL" in lines[0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_readme_rest_example_makes_the_same_run(project: str) -> None:
+    """The README's two curl calls, as HTTP requests: the run lands where `irefine submit` puts it."""
+    import httpx
+
+    job_id = f"{JOB_PREFIX}rest"
+    found = httpx.post(
+        f"{project}/deployments/filter", json={"deployments": {"name": {"any_": ["refine"]}}}, timeout=30
+    )
+    deployment = found.json()[0]["id"]
+    body = {
+        "parameters": {"spec": {"problem": "sphere", "max_evaluations": 500}, "job_id": job_id},
+        "work_queue_name": "high",
+        "idempotency_key": f"irefine-job:{job_id}",
+        "tags": ["irefine", "queue:high", f"job:{job_id}"],
+    }
+    url = f"{project}/deployments/{deployment}/create_flow_run"
+    first = httpx.post(url, json=body, timeout=30)
+    again = httpx.post(url, json=body, timeout=30)
+    assert first.status_code == 201, first.text
+    assert again.json()["id"] == first.json()["id"]  # the idempotency key, as with a resubmission
+    run = _flow_run(first.json()["id"])
+    assert (run.work_queue_name, run.parameters["job_id"]) == ("high", job_id)
+    assert run.parameters["spec"] == {"problem": "sphere", "max_evaluations": 500}
