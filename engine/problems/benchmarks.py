@@ -27,11 +27,12 @@ _HASH_SCALE = float(2**64)
 
 
 def busy_wait(ms: float) -> None:
-    """Spend ``ms`` milliseconds of CPU in a ``time.perf_counter`` loop."""
+    """Spend ``ms`` milliseconds of this thread's CPU time in a loop (CPU time, not wall time: on a
+    busy machine an evaluation still does the same work, it just takes longer)."""
     if ms <= 0:
         return
-    end = time.perf_counter() + ms / 1000.0
-    while time.perf_counter() < end:
+    end = time.thread_time() + ms / 1000.0
+    while time.thread_time() < end:
         pass
 
 
