@@ -14,26 +14,35 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     tail below ``failure_alpha``): a job that always fails 8% of its candidates is not bursting
     when a batch of 8 loses 3, a job that never fails is.
 ``stall``
-    No improvement (as the spec's ``tolerance`` counts it) for as many cycles as make the dry
-    spell improbable (below ``stall_alpha``) at the job's own improvement rate -- the lower end of
-    its 90% interval over the ``stall_window`` cycles before -- at least ``stall_cycles`` and at
-    most ``stall_max_cycles``; or ``stall_cycles`` once the batch bests collapsed onto a point
-    (their spread below ``stall_collapse_ratio`` of its usual). Only while far from the goal:
-    with a target, more than ``stall_far_share`` of the way from the first best to it is left;
-    without one, the job's gains, extrapolated geometrically from the last two thirds of its life,
-    leave more than that share to its floor -- a job that flattens out as it converges has not
-    stalled. The episode ends after ``stall_resume`` improvements (a stalled search still draws
-    the odd lucky batch).
+    The job stopped improving while far from its goal, by either of two tests. A dry spell: no
+    improvement (as the spec's ``tolerance`` counts it) for as many cycles as make it improbable
+    (below ``stall_alpha``) at the job's own improvement rate -- the lower end of its 90% interval
+    over the ``stall_window`` cycles before -- at least ``stall_cycles`` and at most
+    ``stall_max_cycles``; or ``stall_cycles`` once the batch bests collapsed onto a point (their
+    spread below ``stall_collapse_ratio`` of its usual). Or a slowdown, for a stalled search that
+    still draws the odd lucky batch: in one of the last ``stall_slowdown_windows`` cycles it
+    improved far less often than at its rate before (beta-binomial tail below
+    ``stall_slowdown_alpha``, or below ``stall_slowdown_flat_alpha`` when its batch bests also
+    stopped closing in on the best). Far from the goal: with a target, more than
+    ``stall_far_share`` of the way from the first best to it is left; without one, the batch bests
+    hover (a converging job's keep closing in on its best between improvements, whatever the
+    noise), or the job's gains, extrapolated geometrically from the last two thirds of its life,
+    leave more than that share to its floor. The episode ends after ``stall_resume`` improvements.
 ``regression``
     The best score so far can never get worse (it is a running best), so a "regression of the
     best" means the *batch best*: the best of each new cycle is markedly worse than the recent
     batches, in ``regression_cycles`` of the last ``regression_cycles + 1`` cycles -- the search
     lost ground (a diverging step size, a bad restart, a changed problem). Markedly: its excess
-    over the median of the last 3 batch bests, in units of that median's height above the best
-    (or of the batch-to-batch noise, if larger), beats both ``regression_min_excess`` and
-    ``regression_factor`` times the job's usual (90th percentile of its last
-    ``regression_window`` normal cycles). The scale-free excess means the same while a job's
-    numbers shrink a thousandfold.
+    over the median of the last ``regression_level`` normal batch bests, in units of that median's
+    height above the best (or of the batch-to-batch noise, if larger), beats both
+    ``regression_min_excess`` and ``regression_factor`` times the job's usual (90th percentile of
+    its last ``regression_window`` normal cycles). The scale-free excess means the same while a
+    job's numbers shrink a thousandfold; the median over 7 batches is not dragged down by a pair of
+    lucky ones, after which ordinary batches looked like a regression.
+
+A stall and a regression share symptoms (a search that lost ground makes no progress; a stalled
+population's batch bests wander, and spread wider when it moves again), so one is not reported
+while the other's episode is open, nor a regression within ``stall_quiet_cycles`` after a stall.
 ``slow_cycle``
     The cycle took longer than ``max_cycle_seconds`` (if set), or, in ``timing_cycles`` of the
     last ``timing_cycles + 1`` cycles, its duration is more than ``timing_z`` robust deviations
@@ -93,8 +102,9 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class DetectorConfig:
-    """Bounds and sensitivities of the detector. The defaults were chosen on ``bench/anomaly.py``
-    (precision 0.89, recall 0.92, 0.057 false alarms per 100 normal cycles, delay p50 2 cycles:
+    """Bounds and sensitivities of the detector; a job sets any of them in its spec's
+    ``anomaly_params`` (:meth:`from_params`). The defaults were chosen on ``bench/anomaly.py``
+    (precision 0.94, recall 0.93, 0.031 false alarms per 100 normal cycles, delay p50 2 cycles:
     see bench/README.md for where they fall short of the 0.95 goals)."""
 
     failure_share_bound: float = 0.25
@@ -121,6 +131,18 @@ class DetectorConfig:
     """...but never more than this many: a job that far from its goal is stalled whatever its pace."""
     stall_resume: int = 3
     """Improvements that end a stall episode (a stalled search still draws the odd lucky batch)."""
+    stall_slowdown_windows: tuple[int, ...] = (8, 12, 16, 20)
+    """Recent windows in which a sharp drop of the improvement rate is a stall (see the module doc)."""
+    stall_slowdown_alpha: float = 1e-3
+    """...how improbable the drop must be at the job's rate before the window."""
+    stall_slowdown_flat_alpha: float = 3e-3
+    """...or this, when the batch bests also stopped closing in on the best (``stall_trend_margin``)."""
+    stall_trend_margin: float = 0.0
+    """Batch bests "stopped closing in" when the median log height above the best of the later half
+    of them is less than this below the earlier half's (without a target: the job is far)."""
+    stall_quiet_cycles: int = 10
+    """Cycles after a stall episode during which no regression is reported (a population that
+    moves again spreads wider than while it was stuck)."""
     stall_far_share: float = 0.05
     """Still "far" while more than this share of the way remains: to the target, or without one
     to the floor the job's pace before the stall points at."""
@@ -133,6 +155,8 @@ class DetectorConfig:
     """...and at least this: the batch best lies 2.5 level-to-best gaps above the level."""
     regression_warmup: int = 5
     """Normal cycles to learn the usual excess from before judging."""
+    regression_level: int = 7
+    """Recent normal batch bests whose median is the level a batch is compared with."""
     regression_cycles: int = 3
     """Cycles among the last ``regression_cycles + 1`` that must be markedly worse, this one
     included (one bad batch is noise)."""
@@ -174,7 +198,12 @@ class DetectorConfig:
                 known = ", ".join(sorted(cls.__dataclass_fields__))
                 raise ValueError(f"unknown setting {name!r} (known: {known})")
             default = getattr(defaults, name)
-            if name == "failure_prior":
+            if name == "stall_slowdown_windows":
+                ok = isinstance(value, list | tuple) and all(isinstance(w, int) and w >= 1 for w in value)
+                if not ok or not value:
+                    raise ValueError(f"{name} must be a list of whole numbers >= 1, got {value!r}")
+                value = tuple(value)
+            elif name == "failure_prior":
                 ok = isinstance(value, list | tuple) and len(value) == 2 and all(map(_is_number, value))
                 if not ok:
                     raise ValueError(f"{name} must be [failures, evaluations], got {value!r}")
@@ -197,6 +226,7 @@ class DetectorConfig:
             "stall_window": self.stall_window,
             "stall_resume": self.stall_resume,
             "stall_max_cycles": self.stall_max_cycles,
+            "regression_level": self.regression_level,
             "regression_window": self.regression_window,
             "regression_cycles": self.regression_cycles,
             "regression_warmup": self.regression_warmup,
@@ -216,7 +246,18 @@ class DetectorConfig:
         ):
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {share}")
-        for name, alpha in (("failure_alpha", self.failure_alpha), ("stall_alpha", self.stall_alpha)):
+        if not self.stall_slowdown_windows or min(self.stall_slowdown_windows) < 1:
+            raise ValueError(
+                f"stall_slowdown_windows must be whole numbers >= 1, got {self.stall_slowdown_windows}"
+            )
+        if self.stall_quiet_cycles < 0:
+            raise ValueError(f"stall_quiet_cycles must not be negative, got {self.stall_quiet_cycles}")
+        for name, alpha in (
+            ("failure_alpha", self.failure_alpha),
+            ("stall_alpha", self.stall_alpha),
+            ("stall_slowdown_alpha", self.stall_slowdown_alpha),
+            ("stall_slowdown_flat_alpha", self.stall_slowdown_flat_alpha),
+        ):
             if not 0.0 < alpha < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {alpha}")
         if self.failure_prior[0] < 0 or self.failure_prior[1] <= self.failure_prior[0]:
@@ -273,6 +314,7 @@ class AnomalyDetector:
         c = self.config
         self._episodes = {kind: _Episode() for kind in ANOMALY_KINDS}
         self._last_cycle = 0
+        self._stall_ended: int | None = None  # the last cycle a stall episode was open
         # failures
         self._fail_clean = [c.failure_prior[0], c.failure_prior[1]]  # failures, evaluations
         self._fail_recent: deque[tuple[int, int]] = deque(maxlen=c.failure_window)
@@ -281,8 +323,9 @@ class AnomalyDetector:
         self._improvements: list[tuple[int, float]] = []  # (cycle, best) of every improvement
         self._resumed = 0  # improvements since a stall was reported
         self._stall_batch: deque[float] = deque(maxlen=4 * c.stall_cycles)  # the last batch bests
+        self._batches: deque[tuple[int, float]] = deque(maxlen=2 * max(c.stall_max_cycles, c.stall_cycles))
         self._spreads: deque[float] = deque(maxlen=c.timing_window)  # their usual relative spread
-        self._batch: deque[float] = deque(maxlen=12)  # the last normal batch bests
+        self._batch: deque[float] = deque(maxlen=max(12, c.regression_level))  # the last normal batch bests
         self._excess: deque[float] = deque(maxlen=c.regression_window)  # their excess (see _regression)
         self._best_before: float | None = None
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
@@ -338,6 +381,7 @@ class AnomalyDetector:
             "regression": self._regression(record),
         }
         found.update(self._timing_anomalies(record))
+        self._one_name_per_cause(record.cycle, found)
         findings = []
         for kind in ANOMALY_KINDS:
             evidence = found[kind]
@@ -361,6 +405,24 @@ class AnomalyDetector:
         episode.open = True
         message = str(evidence.pop("message"))
         return Finding(kind, cycle, message, evidence)
+
+    def _one_name_per_cause(self, cycle: int, found: dict[str, dict[str, Any] | None]) -> None:
+        """Drop a new stall or regression that the other kind's open episode explains.
+
+        A search that lost ground makes no progress either, and a stalled population's batch
+        bests wander and, when it moves again, spread wider than they did while it was stuck:
+        each episode's symptoms look like the other kind for a while. The first one named
+        is the cause; the other is not reported while it is open, nor (a regression) for
+        ``stall_quiet_cycles`` after a stall ended.
+        """
+        stall, regression = self._episodes["stall"], self._episodes["regression"]
+        if stall.open:
+            self._stall_ended = cycle
+        if not stall.open and found["stall"] is not None and (regression.open or found["regression"]):
+            found["stall"] = None
+        quiet = self._stall_ended is not None and cycle - self._stall_ended <= self.config.stall_quiet_cycles
+        if not regression.open and found["regression"] is not None and (stall.open or quiet):
+            found["regression"] = None
 
     # -- failure bursts ---------------------------------------------------------------------------
 
@@ -418,6 +480,7 @@ class AnomalyDetector:
         batch = self._loss(record.batch_best_score)
         if batch is not None:
             self._stall_batch.append(batch)
+            self._batches.append((record.cycle, batch))
         if self._first is None:
             self._first = (record.cycle, best)
             self._improvements.append((record.cycle, best))
@@ -431,6 +494,8 @@ class AnomalyDetector:
         elif record.improved:
             self._resumed += 1
         evidence = None if record.improved else self._stall_evidence(record, best)
+        if evidence is None:
+            evidence = self._slowdown_evidence(record, best)
         if evidence is None and self._episodes["stall"].open and self._resumed < c.stall_resume:
             return {"message": ""}
         return evidence
@@ -469,6 +534,75 @@ class AnomalyDetector:
             "target": self.target,
             "reason": why,
         }
+
+    def _slowdown_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
+        """A stall that still draws the odd lucky batch: the job improved in far fewer of its last
+        ``w`` cycles than its rate in the ``stall_window`` cycles before them predicts (beta-binomial
+        lower tail below ``stall_slowdown_alpha``), for some ``w`` in ``stall_slowdown_windows``.
+        """
+        c = self.config
+        assert self._first is not None
+        now = record.cycle
+        for w in c.stall_slowdown_windows:
+            start = now - w + 1  # the recent window: cycles start..now
+            early = max(start - c.stall_window, self._first[0] + 1)
+            trials = start - early
+            if trials < c.stall_cycles:
+                break
+            recent = _count_between(self._improvements, start, now)
+            before = _count_between(self._improvements, early, start - 1)
+            if recent * trials >= before * w:
+                continue  # at least its usual pace: nothing to test
+            tail = _beta_binomial_cdf(recent, w, before + 0.5, trials - before + 0.5)
+            flat = tail < c.stall_slowdown_flat_alpha and self._hovering(best, now - w)
+            if tail < c.stall_slowdown_alpha or flat:
+                far, why = self._far_from_goal(best, self._improvements[-1][0])
+                if not far:
+                    return None
+                return {
+                    "message": (
+                        f"cycle {now}: improved in {recent} of the last {w} cycles "
+                        f"(best {record.best_score:.6g}), where it improved in {before} of the {trials} "
+                        f"before; {why}"
+                    ),
+                    "cycles_without_improvement": now - self._improvements[-1][0],
+                    "window": w,
+                    "improvements_in_window": recent,
+                    "improvement_rate": before / trials,
+                    "probability": tail,
+                    "best_score": record.best_score,
+                    "target": self.target,
+                    "reason": why,
+                }
+        return None
+
+    def _closing_in(self, best: float, last: int, since: int) -> float | None:
+        """How much closer to the best the batch bests came since its last improvement (log; < 0:
+        closer), or None before ``stall_cycles`` cycles of it.
+
+        A converging job keeps closing in on its best between improvements (its gap shrinks,
+        whatever the noise); a stalled one hovers at the same height: the median log height above
+        the best over the second half of the dry spell, minus that over its first half.
+        """
+        if since < self.config.stall_cycles:
+            return None
+        heights = [math.log(b - best) for cycle, b in self._batches if cycle > last and b > best]
+        half = len(heights) // 2
+        if half < 3:
+            return None
+        before, spell = heights[:half], heights[-half:]
+        return statistics.median(spell) - statistics.median(before)
+
+    def _hovering(self, best: float, after: int) -> bool:
+        """Whether the batch bests since cycle ``after`` stopped closing in on the best: the median
+        log height above it over the later half of them is within ``stall_trend_margin`` of the
+        earlier half's (a converging job's batch bests keep closing in, whatever the noise)."""
+        heights = [math.log(b - best) for cycle, b in self._batches if cycle > after and b > best]
+        half = len(heights) // 2
+        if half < 3:
+            return False
+        change = statistics.median(heights[-half:]) - statistics.median(heights[:half])
+        return change > -self.config.stall_trend_margin
 
     def _collapsed(self, record: CycleRecord, best: float, since: int) -> float | None:
         """The population's spread relative to its usual, when it has collapsed (else None).
@@ -511,6 +645,9 @@ class AnomalyDetector:
         gained = first_best - best
         if gained <= 0:
             return True, "no progress since the first cycle"
+        closing = self._closing_in(best, last_improvement, self._last_cycle - last_improvement)
+        if closing is not None and closing > -c.stall_trend_margin:
+            return True, f"its batch bests stopped closing in on the best ({closing:+.2f} in log)"
         # No target: split the job's life up to its last improvement in three spans and, if the
         # gains shrank from the second to the third, extrapolate them geometrically (Aitken) to
         # what was left to gain: a job closing in on its floor has converged, not stalled.
@@ -548,7 +685,7 @@ class AnomalyDetector:
         # larger: scale-free, so it means the same while the job converges and its numbers shrink
         # a thousandfold; judged against the job's own history of it.
         recent = list(self._batch)
-        level = statistics.median(recent[-3:])
+        level = statistics.median(recent[-c.regression_level :])
         steps = [abs(b - a) for a, b in itertools.pairwise(recent)]
         noise = _MAD_TO_SIGMA * statistics.median(steps) / math.sqrt(2)
         scale = max(level - best, noise)
@@ -713,6 +850,28 @@ def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> st
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count_between(events: list[tuple[int, float]], first: int, last: int) -> int:
+    """How many of ``events`` (sorted by cycle) fall in cycles ``first``..``last``."""
+    lo = bisect.bisect_left(events, (first, -math.inf))
+    return bisect.bisect_right(events, (last, math.inf)) - lo
+
+
+def _beta_binomial_cdf(k: int, n: int, a: float, b: float) -> float:
+    """P(X <= k) for X ~ BetaBinomial(n, a, b): successes in ``n`` trials at a rate known as Beta(a, b)."""
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) - math.lgamma(a + b + n)
+    total = 0.0
+    for i in range(k + 1):
+        total += math.exp(
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + math.lgamma(a + i)
+            + math.lgamma(b + n - i)
+            + log_norm
+        )
+    return min(total, 1.0)
 
 
 def _wilson_bounds(successes: float, trials: float, z: float = 1.645) -> tuple[float, float]:
