@@ -133,6 +133,114 @@ def test_stall_needs_a_target_far_away() -> None:
     assert run(records, target=near) == []
 
 
+def _slowed_down(every: int, start: int = 31, cycles: int = 80) -> dict[int, object]:
+    """Batch bests that improve nearly every cycle until ``start``, then only every ``every``-th
+    cycle (a lucky batch) while the others stay just above the best: dry spells never reach
+    ``stall_cycles``, but the job has all but stopped."""
+    rng = random.Random(1)
+    values: dict[int, object] = {}
+    best = math.inf
+    for cycle in range(1, cycles + 1):
+        if cycle < start:
+            batch = 100 * 0.97**cycle * math.exp(rng.gauss(0, 0.02))
+        elif cycle % every == 0:
+            batch = best * 0.995
+        else:
+            batch = best * math.exp(rng.uniform(0.005, 0.03))
+        values[cycle] = batch
+        best = min(best, batch)
+    return values
+
+
+def test_a_stall_with_lucky_batches_is_found_by_the_drop_of_the_improvement_rate() -> None:
+    """Improving in 1 of 3 cycles after 25 of 28: a stall, though no dry spell is long enough for
+    the dry-spell test (which alone finds nothing); not when the target is a few % of the way off."""
+    records = normal_series(batch_best_score=_slowed_down(3))
+    findings = run(records, target=0.0)
+    assert [f.kind for f in findings] == ["stall"], findings
+    assert 34 <= findings[0].cycle <= 40 and findings[0].evidence["window"] in (8, 12, 16, 20)
+    assert "improved in 2 of the last 8 cycles" in findings[0].message
+    dry_spell_only = DetectorConfig(stall_slowdown_alpha=1e-300, stall_slowdown_flat_alpha=1e-300)
+    assert run(records, target=0.0, config=dry_spell_only) == []
+    best = records[-1].best_score
+    assert best is not None
+    assert run(records, target=0.999 * best) == []  # 3% of the way off when it slowed down
+
+
+def test_a_regression_is_not_also_called_a_stall() -> None:
+    """A search that lost ground makes no progress either: one finding, the regression, for the
+    whole episode (far from the target, the same lack of progress alone is a stall)."""
+    records = normal_series(batch_best_score=span(40, 75, 60.0))
+    assert [(f.kind, f.cycle) for f in run(records, target=-100.0)] == [("regression", 42)]
+
+
+def test_config_from_spec_params() -> None:
+    config = DetectorConfig.from_params(
+        {"max_cycle_seconds": 5, "stall_cycles": 7, "failure_prior": [1, 10], "stall_slowdown_windows": [10]}
+    )
+    assert config.max_cycle_seconds == 5.0 and config.stall_cycles == 7
+    assert config.failure_prior == (1.0, 10.0) and config.stall_slowdown_windows == (10,)
+    assert DetectorConfig.from_params({}) == DetectorConfig()
+    assert DetectorConfig.from_params({"max_cycle_seconds": None}).max_cycle_seconds is None
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"max_cycle_second": 5}, "unknown setting 'max_cycle_second'"),
+        ({"max_cycle_seconds": -1}, "max_cycle_seconds must be positive"),
+        ({"max_cycle_seconds": "5"}, "max_cycle_seconds must be a number"),
+        ({"timing_z": True}, "timing_z must be a number"),
+        ({"stall_cycles": 2.5}, "stall_cycles must be a whole number"),
+        ({"stall_cycles": 0}, "stall_cycles must be at least 1"),
+        ({"stall_alpha": 1.0}, "stall_alpha must be between 0 and 1"),
+        ({"failure_prior": [1]}, "failure_prior must be [failures, evaluations]"),
+        ({"stall_slowdown_windows": [0]}, "stall_slowdown_windows must be a list"),
+        ({"timing_z": math.nan}, "timing_z must be a number"),
+    ],
+)
+def test_config_from_spec_params_rejects_bad_values(params: dict, needle: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        DetectorConfig.from_params(params)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_spec_anomaly_params_are_checked_when_the_job_is_built() -> None:
+    from engine.core import JobSpec, SpecError
+    from engine.runner import anomaly_config, build_job
+
+    spec = JobSpec.parse({"problem": "sphere", "anomaly_params": {"max_cycle_seconds": 30}})
+    assert anomaly_config(spec).max_cycle_seconds == 30.0
+    assert anomaly_config(JobSpec.parse({"problem": "sphere"})) == DetectorConfig()
+    bad = JobSpec.parse({"problem": "sphere", "anomaly_params": {"max_cycle_seconds": 0}})
+    with pytest.raises(SpecError, match=r"^anomaly_params: max_cycle_seconds must be positive"):
+        build_job("j1", bad)
+
+
+def test_cli_rejects_bad_anomaly_params_with_exit_2_and_writes_no_job(tmp_path, ire_env) -> None:
+    import sqlite3
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = tmp_path / "job.toml"
+    spec.write_text('problem = "sphere"\nmax_cycles = 2\n[anomaly_params]\nstall_cycle = 3\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "irefine", "run", str(spec), "--executor", "local"],
+        env=ire_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "anomaly_params: unknown setting 'stall_cycle'" in lines[0], out.stderr
+    db = Path(ire_env["IRE_HOME"]) / "irefine.db"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("select count(*) from jobs").fetchone() == (0,)
+
+
 def test_absolute_cycle_time_bound() -> None:
     findings = run(normal_series(), config=DetectorConfig(max_cycle_seconds=4.0))
     assert [(f.kind, f.cycle) for f in findings] == [("slow_cycle", 30)]  # the GC-like spike
@@ -209,17 +317,21 @@ def test_bench_scoring_on_a_small_labelled_set() -> None:
     """bench/anomaly.py's scoring on 150 runs of another seed than the bench's. The issue's
     targets (precision and recall >= 0.95) are NOT met yet by stalls and regressions: this guards
     what is met (false alarms, delay), the per-kind recall of failure bursts and timing anomalies
-    (>= 0.95 on the full bench; 13-15 episodes each here) and the current overall level, so a
-    change that makes the detector worse fails here."""
+    (>= 0.95 on the full bench; 13-15 episodes each here) and the current overall level (here
+    precision 0.91, recall 0.88; the detector before the rate-drop stall test and the one-cause
+    rule had 0.83 and 0.89), so a change that makes the detector worse fails here. With half the
+    normal runs levelled off at a floor (``--plateau``), false alarms stay within the bound."""
     from bench.anomaly import score, synthetic_runs
 
     report = score(synthetic_runs(150, seed=1))
     assert report["episodes"] >= 70 and report["cycles"] > 8000
-    assert report["false_alarms_per_100_normal_cycles"] <= 0.5
+    assert report["false_alarms_per_100_normal_cycles"] <= 0.1
     assert report["detection_delay_cycles_p50"] <= 3
-    assert report["precision"] >= 0.8 and report["recall"] >= 0.8
+    assert report["precision"] >= 0.9 and report["recall"] >= 0.85
     for kind in ("failure_burst", "slow_cycle", "throughput_collapse"):
         assert report["per_kind"][kind]["recall"] >= 0.85, report["per_kind"][kind]
+    plateaued = score(synthetic_runs(150, seed=1, plateau_share=0.5))
+    assert plateaued["false_alarms_per_100_normal_cycles"] <= 0.25 and plateaued["precision"] >= 0.72
 
 
 @pytest.mark.parametrize("restart", [False, True])
