@@ -6,6 +6,7 @@ of an uninterrupted run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -105,17 +106,29 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 @pytest.fixture(scope="module")
 def setup_twice(prefect_api: str, receiver: WebhookReceiver) -> Iterator[list[Any]]:
-    """Setup (pools, queues, limits, automations, the webhook block) run twice; on teardown the
-    automations and the block are removed again, so later modules' runs do not notify a closed port."""
+    """Setup (pools, queues, limits, automations, the webhook block) run twice. On teardown what
+    this module added to the session's server goes again: the automations and the block (later
+    runs must not notify a closed port), and the pool irefine-local with the ``refine`` deployment
+    when this module created them (test_setup.py expects to create the pool)."""
     reports = [_setup(notify_webhook_url=receiver.url), _setup(notify_webhook_url=receiver.url)]
     yield reports
+    created_pool = ("work-pool", "irefine-local", "created") in {
+        (i.kind, i.name, i.outcome) for i in reports[0].items
+    }
 
     async def remove(client: Any) -> None:
+        from prefect.exceptions import ObjectNotFound
+
         for name in AUTOMATIONS:
             for automation in await client.read_automations_by_name(name):
                 await client.delete_automation(automation.id)
         block = await client.read_block_document_by_name(NOTIFY_BLOCK, block_type_slug="custom-webhook")
         await client.delete_block_document(block.id)
+        if created_pool:
+            with contextlib.suppress(ObjectNotFound):
+                deployment = await client.read_deployment_by_name("refine/refine")
+                await client.delete_deployment(deployment.id)
+            await client.delete_work_pool("irefine-local")
 
     _client_call(remove)
 
@@ -257,7 +270,11 @@ def test_deadline_missed_event_and_notification(
     assert message["subject"] == f"irefine: job {late} missed its deadline"
     assert "passed before the end of its run" in message["body"]
 
-    events = _read_events(prefect_api, DEADLINE_EVENT, f"irefine.job.{late}")
+    # The server stores events in batches (every few seconds), after the automations saw them.
+    deadline = time.monotonic() + 60
+    while not (events := _read_events(prefect_api, DEADLINE_EVENT, f"irefine.job.{late}")):
+        assert time.monotonic() < deadline, "the deadline event was not stored within 60 s"
+        time.sleep(0.5)
     assert len(events) == 1
     (event,) = events
     assert event["payload"]["job_id"] == late and event["payload"]["deadline"] == soon
@@ -272,7 +289,7 @@ def test_deadline_missed_event_and_notification(
         id=deadline_event_id(late),
     )
     drain_prefect()
-    time.sleep(3)
+    time.sleep(12)  # two of the server's event-store flushes
     assert len(_read_events(prefect_api, DEADLINE_EVENT, f"irefine.job.{late}")) == 1
     assert sum(late in m["subject"] for m in receiver.received) == 1
 
