@@ -15,6 +15,12 @@ monitoring reports an anomaly.
   worker was already starting it again, and ran twice. While the run is still Crashed the server
   rejects the late report, so the trigger waits for ``crash_settle`` with no other state change
   of the run (a Proactive trigger after ``Crashed``); a run someone retried meanwhile is left alone.
+- ``irefine-crash-silent-runs``: a deployment run of ``refine`` that is Running but has sent no
+  Prefect heartbeat for ``heartbeat_timeout`` (90 s: three of the 30 s heartbeats prefect.yaml
+  turns on) is marked Crashed: its process hangs, or its machine or pod is gone without anyone
+  reporting it. ``irefine-resume-crashed-job`` then resumes it like any crashed run. A hung
+  process that wakes up later cannot write over the resumed job: the store refuses a cycle that is
+  already committed.
 - ``irefine-pause-queue-on-failures``: ``failure_burst`` failed or crashed ``refine`` runs on one
   work queue within ``failure_window`` pause that queue (inferred from the last run's work queue;
   one count per queue) and notify. Resume it with ``prefect work-queue resume QUEUE --pool POOL``.
@@ -56,6 +62,7 @@ if TYPE_CHECKING:
 FLOW_NAME = "refine"
 NOTIFY_BLOCK = "irefine-notify"
 RESUME_CRASHED = "irefine-resume-crashed-job"
+CRASH_SILENT = "irefine-crash-silent-runs"
 PAUSE_ON_FAILURES = "irefine-pause-queue-on-failures"
 DEADLINE_ALERT = "irefine-deadline-missed"
 ANOMALY_ALERT = "irefine-anomaly"
@@ -103,6 +110,7 @@ class AutomationPolicy:
     failure_burst: int = 3
     failure_window: timedelta = timedelta(minutes=10)
     crash_settle: timedelta = timedelta(seconds=20)
+    heartbeat_timeout: timedelta = timedelta(seconds=90)
 
     def __post_init__(self) -> None:
         if self.max_crash_resumes < 1:
@@ -111,6 +119,10 @@ class AutomationPolicy:
             raise ValueError(f"failure_burst must be at least 1, not {self.failure_burst}")
         if self.failure_window <= timedelta(0):
             raise ValueError(f"failure_window must be positive, not {self.failure_window}")
+        if self.heartbeat_timeout < timedelta(seconds=10):
+            raise ValueError(
+                f"heartbeat_timeout must be at least 10 s (a Proactive trigger), not {self.heartbeat_timeout}"
+            )
         if self.crash_settle < timedelta(seconds=10):
             raise ValueError(
                 f"crash_settle must be at least 10 s (a Proactive trigger), not {self.crash_settle}"
@@ -176,6 +188,36 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
                     message=f"Crashed: rescheduled by the {RESUME_CRASHED} automation to resume its job",
                 ),
                 *notify(RESUME_SUBJECT, RESUME_BODY),
+            ],
+        ),
+        AutomationCore(
+            name=CRASH_SILENT,
+            description=(
+                f"A deployment run of {FLOW_NAME} that sends no heartbeat for "
+                f"{policy.heartbeat_timeout.total_seconds():g} s while Running is marked Crashed "
+                f"(then {RESUME_CRASHED} resumes it) (irefine setup)."
+            ),
+            trigger=EventTrigger(
+                after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat"}
+                | {f"prefect.flow-run.{state}" for state in (*_MOVED_ON, "Crashed") if state != "Running"},
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related=[_refine_flow(), {"prefect.resource.role": "deployment"}],
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=policy.heartbeat_timeout,
+            ),
+            actions=[
+                ChangeFlowRunState(
+                    state=StateType.CRASHED,
+                    name="Crashed",
+                    force=False,
+                    message=(
+                        f"no heartbeat for {policy.heartbeat_timeout.total_seconds():g} s: marked "
+                        f"Crashed by the {CRASH_SILENT} automation"
+                    ),
+                ),
             ],
         ),
         AutomationCore(
@@ -334,6 +376,7 @@ async def ensure_automations(
             f"at most {policy.max_crash_resumes} resumes per flow run, "
             f"{policy.crash_settle.total_seconds():g} s after the crash"
         ),
+        CRASH_SILENT: f"Running without a heartbeat for {policy.heartbeat_timeout.total_seconds():g} s",
         PAUSE_ON_FAILURES: (
             f"{policy.failure_burst} failed or crashed runs of a queue within "
             f"{policy.failure_window.total_seconds():g} s pause it"

@@ -20,15 +20,15 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import Task, exponential_backoff
-from prefect.utilities.annotations import quote
+from prefect.utilities.annotations import NotSet, quote
 
 from engine.cache import CacheConfig
-from engine.core import JobExistsError, JobNotFoundError, JobSpec, SpecError, TransientError
+from engine.core import JobExistsError, JobNotFoundError, JobSpec, Progress, SpecError, TransientError
 from engine.execution import Executor, InProcessExecutor
 from engine.problems import describe_problem, load_problem
-from engine.runner import CycleListener, StageRunner, create_job, resume_job, run_job
+from engine.runner import CycleListener, JobResult, StageRunner, create_job, resume_job, run_job
 from engine.settings import load_settings
-from engine.store import JobStatus, JobStore
+from engine.store import JobRecord, JobStatus, JobStore
 from flows.observers import ObserverContext, Observers
 
 T = TypeVar("T")
@@ -142,15 +142,22 @@ def run_refine(hooks: LocalHooks | None = None, **parameters: Any) -> dict[str, 
     return result
 
 
-def _exists_with(store: JobStore, job_id: str, spec: JobSpec) -> bool:
-    """Whether ``job_id`` exists; a JobExistsError if it does with another spec."""
+def _existing(store: JobStore, job_id: str, spec: JobSpec) -> JobRecord | None:
+    """The job ``job_id`` if it exists (None if not); a JobExistsError if it has another spec."""
     try:
         record = store.get_job(job_id, fresh=True)
     except JobNotFoundError:
-        return False
+        return None
     if record.spec != spec:
         raise JobExistsError(f"job {job_id!r} exists with another spec: choose another job id")
-    return True
+    return record
+
+
+def _completed_result(store: JobStore, record: JobRecord) -> dict[str, Any]:
+    """What the run that completed ``record`` returned (its progress from the last checkpoint)."""
+    checkpoint = store.last_checkpoint(record.job_id)
+    progress = Progress.from_dict(checkpoint.state["progress"]) if checkpoint else Progress()
+    return JobResult(record.job_id, JobStatus.COMPLETED, progress, record.stop_reason).to_dict()
 
 
 JOB_SLOT_LEASE_SECONDS = 60.0
@@ -266,7 +273,13 @@ def refine(
             # A deployment run names its job after itself, so that a rerun of the same flow run
             # (the resume-on-crash automation) finds and resumes the job instead of starting anew.
             job_id = f"run-{flow_run.get_id()}"
-        if spec is not None and not (job_id is not None and _exists_with(store, job_id, spec)):
+        existing = _existing(store, job_id, spec) if spec is not None and job_id is not None else None
+        if existing is not None and existing.status is JobStatus.COMPLETED:
+            # A rerun of a flow run whose process died after the job completed, before Prefect
+            # heard of it: the job is done, so the run returns its result instead of failing.
+            logger.info("job %s already completed (%s)", existing.job_id, existing.stop_reason)
+            return _completed_result(store, existing)
+        if spec is not None and existing is None:
             job = create_job(store, spec, job_id)
         elif job_id is not None:
             job = resume_job(store, job_id)
@@ -274,7 +287,7 @@ def refine(
             raise SpecError("give a job spec to start a job, or a job_id to resume one")
         run_id = str(flow_run.get_id() or "") or None
         store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=run_id)
-        describe_task = describe.with_options(result_storage=settings.result_storage or None)
+        describe_task = describe.with_options(result_storage=settings.result_storage or NotSet)
         problem = describe_task(job.spec.problem, dict(job.spec.problem_params))
         logger.info(
             "job %s: %s with %s, from cycle %d",

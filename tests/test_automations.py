@@ -24,6 +24,7 @@ import pytest
 
 from deployments.automations import (
     ANOMALY_ALERT,
+    CRASH_SILENT,
     DEADLINE_ALERT,
     NOTIFY_BLOCK,
     PAUSE_ON_FAILURES,
@@ -33,7 +34,7 @@ from deployments.automations import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-AUTOMATIONS = (RESUME_CRASHED, PAUSE_ON_FAILURES, DEADLINE_ALERT, ANOMALY_ALERT)
+AUTOMATIONS = (RESUME_CRASHED, CRASH_SILENT, PAUSE_ON_FAILURES, DEADLINE_ALERT, ANOMALY_ALERT)
 SLOW = "tests.problems_for_tests:Slow"
 
 
@@ -159,6 +160,7 @@ def test_automations_read_back(setup_twice: list[Any]) -> None:
     actions = {name: [a.type for a in copies[0].actions] for name, copies in found.items()}
     assert actions == {
         RESUME_CRASHED: ["change-flow-run-state", "send-notification"],
+        CRASH_SILENT: ["change-flow-run-state"],
         PAUSE_ON_FAILURES: ["pause-work-queue", "send-notification"],
         DEADLINE_ALERT: ["send-notification"],
         ANOMALY_ALERT: ["send-notification"],
@@ -166,6 +168,9 @@ def test_automations_read_back(setup_twice: list[Any]) -> None:
     resume = found[RESUME_CRASHED][0].trigger
     assert resume.posture == "Proactive" and resume.after == {"prefect.flow-run.Crashed"}
     assert resume.match.root["prefect.run-count"] == ["1", "2", "3"]  # the cap: 3 resumes
+    silent = found[CRASH_SILENT][0].trigger
+    assert silent.posture == "Proactive" and silent.within.total_seconds() == 90
+    assert silent.after == {"prefect.flow-run.Running", "prefect.flow-run.heartbeat"}
 
 
 @pytest.mark.integration
@@ -496,3 +501,43 @@ def test_crash_resumes_are_capped(refine_deployment: None, receiver: WebhookRece
     finally:
         _client_call(lambda client: client.update_work_queue(critical.id, is_paused=False))
         _setup(notify_webhook_url=receiver.url)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_run_that_stops_heartbeating_is_marked_crashed_and_resumed(
+    refine_deployment: None, receiver: WebhookReceiver
+) -> None:
+    """A Running deployment run that sends no heartbeat for the timeout is marked Crashed by the
+    automation, and the resume automation then reschedules it. The run is set Running through the
+    API (the server emits the same event as for a worker's run) on a paused queue, and nothing
+    heartbeats for it: a hung process."""
+    from prefect.states import Running
+
+    policy = AutomationPolicy(heartbeat_timeout=timedelta(seconds=10), crash_settle=timedelta(seconds=10))
+    _setup(notify_webhook_url=receiver.url, automation_policy=policy)
+    critical = _queue("critical")
+    _client_call(lambda client: client.update_work_queue(critical.id, is_paused=True))
+    try:
+        spec = {"problem": SLOW, "max_evaluations": 4}
+        (run,) = _create_runs({"spec": spec, "executor": "local"}, "critical")
+        _client_call(lambda client: client.set_flow_run_state(run.id, Running(), force=True))
+        _wait_run(run.id, lambda r: r.state_name == "AwaitingRetry", 120, "marked crashed, then rescheduled")
+        states = _states(run.id)
+        assert states.index("Crashed") < states.index("AwaitingRetry"), states
+    finally:
+        _client_call(lambda client: client.update_work_queue(critical.id, is_paused=False))
+        _setup(notify_webhook_url=receiver.url)
+
+
+def test_every_deployment_heartbeats_for_the_silent_run_automation() -> None:
+    """The automation needs heartbeats: prefect.yaml turns them on for each deployment's runs, at an
+    interval that fits three times into the default timeout."""
+    import yaml
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    timeout = AutomationPolicy().heartbeat_timeout.total_seconds()
+    for deployment in deployments:
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert 3 * int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) <= timeout, deployment["name"]

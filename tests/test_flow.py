@@ -77,6 +77,13 @@ def test_flow_resumes_a_job_by_id(prefect_api, ire_env) -> None:
     assert state.is_failed() and "already completed" in str(
         state.message or state.result(raise_on_failure=False)
     )
+    # A rerun with the same spec and id (a flow run resumed after its process died once the job
+    # had completed) returns the stored result; another spec under that id is refused.
+    again = refine(spec=spec.model_copy(update={"max_evaluations": 10}), job_id="flow-2", executor="local")
+    assert again["status"] == "completed" and again["evaluations"] == 10
+    assert again["best_score"] == first["best_score"]
+    other = refine(spec=spec, job_id="flow-2", executor="local", return_state=True)
+    assert other.is_failed() and "another spec" in str(other.message or other.result(raise_on_failure=False))
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
