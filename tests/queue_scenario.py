@@ -9,8 +9,9 @@ What is measured, from the flow runs' state timestamps and the jobs' store recor
 
 * *lost*: submitted jobs whose flow run did not complete or whose job is not ``completed``.
 * *priority inversions*: pairs (L, H) where H is on a higher-priority queue than L, H was waiting
-  (created, not yet taken) when a worker took L (L's Pending time), H was taken more than
-  ``grace`` seconds after L, and H's queue was below its concurrency limit at that moment.
+  (created, not yet taken) when the server chose L (the start of the worker poll that returned
+  L; L's Pending time when no log says), H was taken more than ``grace`` seconds after L, and
+  H's queue was below its concurrency limit at that moment.
   ``grace`` (two worker polls) absorbs that a worker takes the runs of one poll concurrently,
   so runs handed out together can reach Pending in any order.
   An inversion is *explained by a concurrent poll* when the poll of the worker that took L
@@ -117,15 +118,25 @@ def submission_order(mix: Mapping[str, int], seed: int) -> list[str]:
 
 
 def priority_inversions(
-    runs: Sequence[ObservedRun], queue_limits: Mapping[str, int | None], grace: float
+    runs: Sequence[ObservedRun],
+    queue_limits: Mapping[str, int | None],
+    grace: float,
+    chosen_at: Mapping[str, float] | None = None,
 ) -> list[tuple[str, str]]:
-    """(lower, higher) job-id pairs inverted as defined in the module docstring."""
+    """(lower, higher) job-id pairs inverted as defined in the module docstring.
+
+    ``chosen_at`` maps a job id to when the server chose its run (the start of the worker poll that
+    returned it); the queues' load is judged then, as the server judged it. Without it, at the
+    run's Pending time: a run of H's queue that ended between the poll and that moment would make
+    H's queue look free when the server saw it full.
+    """
     inverted = []
     for low in runs:
         if low.taken is None:
             continue
+        at = (chosen_at or {}).get(low.job_id, low.taken)
         for high in runs:
-            if PRIORITY[high.queue] >= PRIORITY[low.queue] or high.created >= low.taken:
+            if PRIORITY[high.queue] >= PRIORITY[low.queue] or high.created >= at:
                 continue
             if high.taken is not None and high.taken <= low.taken + grace:
                 continue
@@ -135,7 +146,7 @@ def priority_inversions(
                 for r in runs
                 if r.queue == high.queue
                 and r.taken is not None
-                and r.taken <= low.taken < (r.ended if r.ended is not None else math.inf)
+                and r.taken <= at < (r.ended if r.ended is not None else math.inf)
             )
             if limit is None or busy < limit:
                 inverted.append((low.job_id, high.job_id))
@@ -237,7 +248,18 @@ class ScenarioResult:
 
     @property
     def all_inversions(self) -> list[tuple[str, str]]:
-        return priority_inversions(self.runs, self.queue_limits, self.config.grace_seconds)
+        return priority_inversions(self.runs, self.queue_limits, self.config.grace_seconds, self.chosen_at)
+
+    @property
+    def chosen_at(self) -> dict[str, float]:
+        """When the server chose each run: the start of the poll of the worker that took it."""
+        chosen = {}
+        for run in self.runs:
+            for log in self.worker_logs:
+                poll = log.poll_before(log.took[run.flow_run_id]) if run.flow_run_id in log.took else None
+                if poll is not None:
+                    chosen[run.job_id] = min(chosen.get(run.job_id, math.inf), poll[0])
+        return chosen
 
     @property
     def race_inversions(self) -> list[tuple[str, str]]:

@@ -57,6 +57,16 @@ def test_inversion_measure_allows_one_poll_and_a_full_queue() -> None:
         _run("n3", "normal", 0, 30, 40),
     ]
     assert priority_inversions(full, LIMITS, grace=2) == []
+    # n2 ends between the poll that chose low (t=4.8) and low's Pending (t=5.2): the server saw
+    # normal full. Judged at the Pending time it would look free; judged at the poll it is not.
+    ends_meanwhile = [
+        _run("n1", "normal", 0, 1, 30),
+        _run("n2", "normal", 0, 1, 5.0),
+        _run("low", "low", 0, 5.2, 15),
+        _run("n3", "normal", 0, 30, 40),
+    ]
+    assert priority_inversions(ends_meanwhile, LIMITS, grace=2) == [("low", "n3")]
+    assert priority_inversions(ends_meanwhile, LIMITS, grace=2, chosen_at={"low": 4.8}) == []
 
 
 WORKER_LOG = """\
