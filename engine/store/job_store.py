@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -63,18 +63,10 @@ __all__ = [
 ]
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
-# The measured figures of a CycleRecord kept as columns of ``cycles`` (evaluations_per_second
-# is derived, stored so that SQL and dashboards can read it).
-_MEASURED_CYCLE_FIELDS = (
-    "eval_p50",
-    "eval_p95",
-    "eval_max",
-    "evaluations_per_second",
-    "process_cpu_percent",
-    "process_rss_bytes",
-    "worker_memory_total_bytes",
-    "worker_memory_max_bytes",
-)
+_RECORD_COLUMNS = tuple(f.name for f in fields(CycleRecord) if f.name in CYCLES.c)
+"""The CycleRecord fields the cycles table keeps, each in a column of its name (written by
+commit_cycle, read back by _stored_cycle). The derived evaluations_per_second is stored too, so
+that SQL and dashboards can read it."""
 _MAX_JOB_ID = 200
 _SQLITE_BUSY_MS = 30_000
 # Serialises CREATE TABLE across processes starting against a fresh PostgreSQL database.
@@ -390,16 +382,9 @@ class JobStore:
             "job_id": job_id,
             "cycle": cycle,
             "finished_at": now,
-            "duration": record.duration,
-            "evaluations": record.evaluations,
-            "failed": record.failed,
-            "cached": record.cached,
-            "batch_best_score": record.batch_best_score,
-            "best_score": record.best_score,
-            "improved": record.improved,
-            "eval_seconds": record.eval_seconds,
             "metrics": metrics_json,
-            **{name: getattr(record, name) for name in _MEASURED_CYCLE_FIELDS},
+            "evaluations_per_second": record.evaluations_per_second,
+            **{name: getattr(record, name) for name in _RECORD_COLUMNS},
         }
         with self._errors(f"cannot commit cycle {cycle} of job {job_id!r}"), self._primary.begin() as conn:
             # The summary first: it fails fast on a missing job and, on PostgreSQL, locks the job
@@ -550,23 +535,9 @@ class JobStore:
 
 
 def _stored_cycle(r: Row[Any]) -> StoredCycle:
+    values = {name: getattr(r, name) for name in _RECORD_COLUMNS}
     return StoredCycle(
-        cycle=r.cycle,
-        evaluations=r.evaluations,
-        failed=r.failed,
-        cached=r.cached,
-        batch_best_score=r.batch_best_score,
-        best_score=r.best_score,
-        improved=bool(r.improved),
-        duration=r.duration,
-        eval_seconds=r.eval_seconds,
-        eval_p50=r.eval_p50,
-        eval_p95=r.eval_p95,
-        eval_max=r.eval_max,
-        process_cpu_percent=r.process_cpu_percent,
-        process_rss_bytes=r.process_rss_bytes,
-        worker_memory_total_bytes=r.worker_memory_total_bytes,
-        worker_memory_max_bytes=r.worker_memory_max_bytes,
+        **{**values, "improved": bool(r.improved)},
         finished_at=_utc(r.finished_at),
         metrics=None if r.metrics is None else orjson.loads(r.metrics),
     )
