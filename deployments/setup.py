@@ -36,6 +36,7 @@ QUEUES: dict[str, tuple[int, int | None]] = {
 RUNNING_JOBS_LIMIT = "irefine-running-jobs"
 EVALUATIONS_LIMIT = "irefine-evaluations"
 SUBMISSIONS_LIMIT = "irefine-submissions"
+WORKER_POLL_LIMIT = "irefine-worker-poll"  # one worker polls at a time: deployments/worker.py
 AKS_TEMPLATE_PATH = Path(__file__).parent / "aks" / "base-job-template.json"
 
 
@@ -209,6 +210,7 @@ async def setup_prefect(
     - ``irefine-evaluations``: global limit of ``evaluation_limit`` evaluation slots in flight;
     - ``irefine-submissions``: rate limit, ``submission_burst`` slots refilled at
       ``submission_rate`` a second;
+    - ``irefine-worker-poll``: limit 1, the turn in which an ``irefine worker`` polls its pool;
     - the automations of deployments/automations.py (resume crashed jobs, pause a queue on a
       failure burst, deadline and anomaly alerts) and, given ``notify_webhook_url``, the webhook
       notification block they notify through.
@@ -234,6 +236,7 @@ async def setup_prefect(
     await ensure_global_limit(client, report, RUNNING_JOBS_LIMIT, job_limit)
     await ensure_global_limit(client, report, EVALUATIONS_LIMIT, evaluation_limit)
     await ensure_global_limit(client, report, SUBMISSIONS_LIMIT, submission_burst, submission_rate)
+    await ensure_global_limit(client, report, WORKER_POLL_LIMIT, 1)
     await ensure_automations(client, report, notify_webhook_url, automation_policy)
     return report
 

@@ -747,6 +747,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)
 
+    from irefine.worker import add_parser as add_worker_parser
+
+    add_worker_parser(sub)
+
     sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
     sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)
     return parser

@@ -63,11 +63,11 @@ def test_setup_twice_creates_then_changes_nothing(setup_runs) -> None:
     assert second.returncode == 0, second.stderr
     # The automations' lines are tested in test_automations.py.
     first_lines = [line for line in first.stdout.splitlines() if not _automation_line(line)]
-    assert len(first_lines) == 13  # 2 pools, 8 queues, 3 limits
+    assert len(first_lines) == 14  # 2 pools, 8 queues, 4 limits
     assert all(line.split()[0] in ("created", "unchanged") for line in first_lines)
     assert "created   work-pool irefine-local (type process)" in first_lines
     second_lines = second.stdout.splitlines()
-    assert len([line for line in second_lines if not _automation_line(line)]) == 13
+    assert len([line for line in second_lines if not _automation_line(line)]) == 14
     assert {line.split()[0] for line in second_lines} == {"unchanged"}
 
 
@@ -79,7 +79,12 @@ def test_setup_objects_read_back(setup_runs, prefect_api: str) -> None:
         }
         limits = {
             n: await client.read_global_concurrency_limit_by_name(n)
-            for n in ("irefine-running-jobs", "irefine-evaluations", "irefine-submissions")
+            for n in (
+                "irefine-running-jobs",
+                "irefine-evaluations",
+                "irefine-submissions",
+                "irefine-worker-poll",
+            )
         }
         return {"pools": pools, "queues": queues, "limits": limits}
 
@@ -100,6 +105,10 @@ def test_setup_objects_read_back(setup_runs, prefect_api: str) -> None:
     assert limits["irefine-evaluations"].limit == 64
     assert limits["irefine-submissions"].limit == 10
     assert limits["irefine-submissions"].slot_decay_per_second == 1.0
+    assert (limits["irefine-worker-poll"].limit, limits["irefine-worker-poll"].slot_decay_per_second) == (
+        1,
+        0.0,
+    )
     assert all(limit.active for limit in limits.values())
 
 
@@ -108,7 +117,7 @@ def test_setup_updates_a_changed_limit(setup_runs, prefect_api: str) -> None:
 
     changed = asyncio.run(run_setup(aks_pool=None, job_limit=6))
     assert changed.updated == ["work-pool irefine-local", "concurrency-limit irefine-running-jobs"]
-    assert len([n for n in changed.unchanged if not _automation_line(f"- {n}")]) == 6
+    assert len([n for n in changed.unchanged if not _automation_line(f"- {n}")]) == 7
     restored = asyncio.run(run_setup(aks_pool=None))
     assert restored.updated == ["work-pool irefine-local", "concurrency-limit irefine-running-jobs"]
 
