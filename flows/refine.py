@@ -25,6 +25,7 @@ from prefect.utilities.annotations import NotSet, quote
 from engine.cache import CacheConfig
 from engine.core import JobExistsError, JobNotFoundError, JobSpec, Progress, SpecError, TransientError
 from engine.execution import Executor, InProcessExecutor
+from engine.observe.logs import bind_log_context, use_json_logs
 from engine.problems import describe_problem, load_problem
 from engine.runner import CycleListener, JobResult, StageRunner, create_job, resume_job, run_job
 from engine.settings import load_settings
@@ -248,6 +249,24 @@ def open_executor(kind: Literal["dask", "local"], dask_address: str | None) -> E
     return DaskExecutor.start(dask_address or settings.dask_address, settings.dask_workers)
 
 
+def _bind_run_logs(job_id: str | None, run_id: str | None, *, json_lines: bool) -> Callable[[], None]:
+    """Bind the job and the run to this run's log lines, prefix its API run logs with them and,
+    if asked, write its console lines as JSON (a worker's ``prefect flow-run execute`` has done none
+    of it); returns the undo. The job's observers bind the same again: harmless."""
+    from flows.metrics import prefix_run_logs
+
+    undo = [bind_log_context(job_id=job_id, flow_run_id=run_id)]
+    prefix_run_logs()
+    if json_lines:
+        undo.append(use_json_logs())
+
+    def undo_all() -> None:
+        for step in reversed(undo):
+            step()
+
+    return undo_all
+
+
 @flow(name="refine", persist_result=False, validate_parameters=True)
 def refine(
     spec: JobSpec | None = None,
@@ -264,15 +283,19 @@ def refine(
     """
     logger = get_run_logger()
     settings = load_settings()
+    run_id = str(flow_run.get_id() or "") or None
+    if spec is not None and job_id is None and deployment.get_id():
+        # A deployment run names its job after itself, so that a rerun of the same flow run
+        # (the resume-on-crash automation) finds and resumes the job instead of starting anew.
+        job_id = f"run-{run_id}"
+    # From here on every line of the run carries the job (when known yet) and the run id.
+    undo_logs = _bind_run_logs(job_id, run_id, json_lines=settings.log_format == "json")
     store = JobStore.from_settings(settings)
     cache_config = CacheConfig.from_settings(settings)
     slot = contextlib.ExitStack()  # released after the store's last write
+    slot.callback(undo_logs)
     try:
         slot.enter_context(running_job_slot())
-        if spec is not None and job_id is None and deployment.get_id():
-            # A deployment run names its job after itself, so that a rerun of the same flow run
-            # (the resume-on-crash automation) finds and resumes the job instead of starting anew.
-            job_id = f"run-{flow_run.get_id()}"
         existing = _existing(store, job_id, spec) if spec is not None and job_id is not None else None
         if existing is not None and existing.status is JobStatus.COMPLETED:
             # A rerun of a flow run whose process died after the job completed, before Prefect
@@ -285,7 +308,7 @@ def refine(
             job = resume_job(store, job_id)
         else:
             raise SpecError("give a job spec to start a job, or a job_id to resume one")
-        run_id = str(flow_run.get_id() or "") or None
+        bind_log_context(job_id=job.job_id)  # a new job's generated id
         store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=run_id)
         describe_task = describe.with_options(result_storage=settings.result_storage or NotSet)
         problem = describe_task(job.spec.problem, dict(job.spec.problem_params))
