@@ -66,7 +66,9 @@ async def _api_messages(client: Any, flow_run_id: Any) -> list[str]:
     return [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
 
 
-def test_deployment_run_logs_carry_the_job_id_from_the_first_line(prefect_api: str, ire_env: dict) -> None:
+def test_deployment_run_logs_carry_the_job_id_from_the_first_line(
+    prefect_api: str, ire_env: dict[str, str]
+) -> None:
     from prefect import get_client
 
     async def create() -> tuple[Any, list[str]]:
