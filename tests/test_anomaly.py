@@ -167,6 +167,54 @@ def test_a_stall_with_lucky_batches_is_found_by_the_drop_of_the_improvement_rate
     assert run(records, target=0.999 * best) == []  # 3% of the way off when it slowed down
 
 
+RANKS_ONLY = DetectorConfig(
+    stall_alpha=1e-300,
+    stall_max_cycles=10_000,
+    stall_collapse_ratio=0.0,
+    stall_slowdown_alpha=1e-300,
+    stall_slowdown_flat_alpha=1e-300,
+)
+"""The stall tests other than the rank trend switched off."""
+
+
+def _wandering_after(cycle: int, seed: int) -> dict[int, object]:
+    """Batch bests that stop converging at ``cycle`` and wander with the same noise as before."""
+    rng = random.Random(seed)
+    level = 100 * math.exp(-0.08 * cycle)
+    return {c: level * math.exp(rng.gauss(0, 0.3)) for c in range(cycle, 81)}
+
+
+def test_a_stall_is_found_by_the_lost_trend_of_the_batch_bests_ranks() -> None:
+    """With a target: batch bests that keep their noise but lost their trend (each lucky one is
+    still a new best now and then) are a stall by their ranks alone; a job converging with that
+    noise never is, nor one that stalls only 2% of the way from its target."""
+    stalls = [normal_series(seed=s, batch_best_score=_wandering_after(20, s)) for s in range(10)]
+    findings = [run(records, target=-20.0, config=RANKS_ONLY) for records in stalls]
+    first = [per_run[0] for per_run in findings if per_run]
+    assert len(first) >= 9 and all(f.kind == "stall" for per_run in findings for f in per_run), findings
+    assert all(28 <= f.cycle <= 52 and "lost the job's trend" in f.message for f in first), first
+    assert all(f.evidence["z"] > 4.0 and f.evidence["window"] in (8, 12, 16, 24) for f in first)
+    normal = [run(normal_series(seed=s), target=-20.0, config=RANKS_ONLY) for s in range(20)]
+    assert sum(map(len, normal)) == 0, normal
+    records = normal_series(seed=0, batch_best_score=_wandering_after(20, 0))
+    best = records[-1].best_score
+    assert best is not None
+    assert run(records, target=0.99 * best, config=RANKS_ONLY) == []
+
+
+def test_without_a_target_a_dry_spell_needs_the_ranks_to_confirm_it() -> None:
+    """Without a target, a dry spell after a very lucky batch (the others keep closing in on it)
+    is not a stall: the batch bests kept their trend. Without the confirmation it would be one; a
+    job that stalled for real is confirmed."""
+    lucky = {25: 100 * math.exp(-0.08 * 25 - 2.0)}  # 7x better than its neighbours
+    records = normal_series(batch_best_score=lucky)
+    unconfirmed = DetectorConfig(stall_rank_confirm_z=-1e9)
+    assert [(f.kind, f.cycle) for f in run(records, config=unconfirmed)] == [("stall", 42)]
+    assert run(records) == []
+    stalled = normal_series(batch_best_score=_frozen_after(30))
+    assert [f.kind for f in run(stalled)] == ["stall"]
+
+
 def test_a_regression_is_not_also_called_a_stall() -> None:
     """A search that lost ground makes no progress either: one finding, the regression, for the
     whole episode (far from the target, the same lack of progress alone is a stall)."""
@@ -196,6 +244,8 @@ def test_config_from_spec_params() -> None:
         ({"stall_alpha": 1.0}, "stall_alpha must be between 0 and 1"),
         ({"failure_prior": [1]}, "failure_prior must be [failures, evaluations]"),
         ({"stall_slowdown_windows": [0]}, "stall_slowdown_windows must be a list"),
+        ({"stall_rank_windows": "8"}, "stall_rank_windows must be a list"),
+        ({"stall_rank_windows": [2, 8]}, "stall_rank_windows must be whole numbers >= 3"),
         ({"timing_z": math.nan}, "timing_z must be a number"),
     ],
 )
@@ -268,7 +318,8 @@ def test_cycles_must_come_in_order() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("failure_share_bound", 1.5), ("stall_cycles", 0), ("failure_alpha", 0.0)]
+    ("field", "value"),
+    [("failure_share_bound", 1.5), ("stall_cycles", 0), ("failure_alpha", 0.0), ("stall_rank_z", 0.0)],
 )
 def test_config_rejects_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):

@@ -24,7 +24,16 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     improved far less often than at its rate before (beta-binomial tail below
     ``stall_slowdown_alpha``, or below ``stall_slowdown_flat_alpha`` when its batch bests also
     stopped closing in on the best: a converging job's keep closing in between improvements,
-    whatever the noise). Far from the goal: with a target, more than ``stall_far_share`` of the way
+    whatever the noise). Or, with a target, a loss of trend in the batch bests' ranks: a job
+    converging at ``r`` (in log gap) with batch noise ``s`` draws a batch best better than the one
+    ``k`` cycles before with probability ``Phi(theta k / sqrt 2)``, ``theta = r / s``, whatever its
+    floor and scale, and a stalled one with probability one half; ``theta`` is learned from the
+    ``stall_window`` batches before a recent window (one of ``stall_rank_windows``), and the
+    window's Mann-Kendall sum must fall ``stall_rank_z`` deviations (of the sum under no trend)
+    short of what it predicts. Without a target the ranks only confirm: a dry spell or a
+    slowdown is a stall only if the shortfall is at least ``stall_rank_confirm_z`` (a job that
+    waits for a lucky record to be matched is still closing in, batch by batch). Far from the
+    goal: with a target, more than ``stall_far_share`` of the way
     from the first best to it is left; without one, the job's gains, extrapolated geometrically
     from the last two thirds of its life, leave more than that share to its floor -- a job that
     flattens out as it converges has not stalled (nor has one whose batch bests hover at a noisy
@@ -82,6 +91,7 @@ ANOMALY_KINDS: Final = ("failure_burst", "stall", "regression", "slow_cycle", "t
 """Every kind a finding can have, in the order a cycle is checked."""
 
 _MAD_TO_SIGMA = 1.4826
+_NORMAL = statistics.NormalDist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +152,12 @@ class DetectorConfig:
     stall_trend_margin: float = 0.0
     """Batch bests "stopped closing in" when the median log height above the best of the later half
     of them is less than this below the earlier half's."""
+    stall_rank_windows: tuple[int, ...] = (8, 12, 16, 24)
+    """Recent windows of batch bests whose ranks are tested for lost trend (see the module doc)."""
+    stall_rank_z: float = 4.0
+    """With a target: the shortfall of a window's rank trend (in deviations) that is a stall."""
+    stall_rank_confirm_z: float = 1.0
+    """Without one: the least shortfall (in any window) that confirms a dry spell or slowdown."""
     stall_quiet_cycles: int = 10
     """Cycles after a stall episode during which no regression is reported (a population that
     moves again spreads wider than while it was stuck)."""
@@ -169,7 +185,7 @@ class DetectorConfig:
     """Recent normal cycles that make up the learned normal duration and throughput."""
     timing_warmup: int = 5
     """Normal cycles to learn from before timing is judged."""
-    timing_z: float = 4.0
+    timing_z: float = 3.5
     """Robust standard deviations (of log duration or log throughput) that count as abnormal."""
     timing_min_ratio: float = 1.8
     """...and at least this factor slower (a very steady job's tiny jitter is not an anomaly)."""
@@ -200,7 +216,7 @@ class DetectorConfig:
                 known = ", ".join(sorted(cls.__dataclass_fields__))
                 raise ValueError(f"unknown setting {name!r} (known: {known})")
             default = getattr(defaults, name)
-            if name == "stall_slowdown_windows":
+            if name in ("stall_slowdown_windows", "stall_rank_windows"):
                 ok = isinstance(value, list | tuple) and all(isinstance(w, int) and w >= 1 for w in value)
                 if not ok or not value:
                     raise ValueError(f"{name} must be a list of whole numbers >= 1, got {value!r}")
@@ -252,6 +268,8 @@ class DetectorConfig:
             raise ValueError(
                 f"stall_slowdown_windows must be whole numbers >= 1, got {self.stall_slowdown_windows}"
             )
+        if not self.stall_rank_windows or min(self.stall_rank_windows) < 3:
+            raise ValueError(f"stall_rank_windows must be whole numbers >= 3, got {self.stall_rank_windows}")
         if self.stall_quiet_cycles < 0:
             raise ValueError(f"stall_quiet_cycles must not be negative, got {self.stall_quiet_cycles}")
         for name, alpha in (
@@ -274,6 +292,8 @@ class DetectorConfig:
             raise ValueError(
                 "regression_factor, regression_min_excess, timing_z and timing_min_ratio must be positive"
             )
+        if self.stall_rank_z <= 0:
+            raise ValueError(f"stall_rank_z must be positive, got {self.stall_rank_z}")
         if self.timing_min_seconds < 0:
             raise ValueError(f"timing_min_seconds must not be negative, got {self.timing_min_seconds}")
         if self.timing_sigma_floor <= 0:
@@ -330,6 +350,12 @@ class AnomalyDetector:
         self._batch: deque[float] = deque(maxlen=max(12, c.regression_level))  # the last normal batch bests
         self._excess: deque[float] = deque(maxlen=c.regression_window)  # their excess (see _regression)
         self._best_before: float | None = None
+        # rank trend of the batch bests (see _rank_shortfall): per position, cumulative counts per lag
+        self._rank_lags = max(c.stall_rank_windows) - 1
+        self._rank_cumulative: deque[list[float]] = deque(
+            maxlen=c.stall_window + max(c.stall_rank_windows) + 1
+        )
+        self._rank_recent: deque[float] = deque(maxlen=self._rank_lags)
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         # timing
         self._timing = _Timing(
@@ -483,6 +509,7 @@ class AnomalyDetector:
         if batch is not None:
             self._stall_batch.append(batch)
             self._batches.append((record.cycle, batch))
+            self._learn_ranks(batch)
         if self._first is None:
             self._first = (record.cycle, best)
             self._improvements.append((record.cycle, best))
@@ -498,6 +525,12 @@ class AnomalyDetector:
         evidence = None if record.improved else self._stall_evidence(record, best)
         if evidence is None:
             evidence = self._slowdown_evidence(record, best)
+        if evidence is not None and self.target is None:
+            shortfall = self._rank_shortfall()
+            if shortfall is None or shortfall["z"] < c.stall_rank_confirm_z:
+                evidence = None  # the batch bests still close in: an unlucky wait, not a stall
+        elif evidence is None and self.target is not None:
+            evidence = self._rank_evidence(record, best)
         if evidence is None and self._episodes["stall"].open and self._resumed < c.stall_resume:
             return {"message": ""}
         return evidence
@@ -577,6 +610,73 @@ class AnomalyDetector:
                     "reason": why,
                 }
         return None
+
+    def _learn_ranks(self, loss: float) -> None:
+        """Count, per lag k, the batch bests better than the one k batches before (ties: half)."""
+        row = self._rank_cumulative[-1].copy() if self._rank_cumulative else [0.0] * (self._rank_lags + 1)
+        for k, before in enumerate(reversed(self._rank_recent), start=1):
+            row[k] += 1.0 if loss < before else 0.5 if loss == before else 0.0
+        self._rank_cumulative.append(row)
+        self._rank_recent.append(loss)
+
+    def _rank_shortfall(self) -> dict[str, Any] | None:
+        """The largest shortfall of a recent window's rank trend below the job's learned one.
+
+        For each window of ``w`` recent batch bests with at least ``2 * stall_cycles`` before it:
+        ``theta`` from the share of concordant pairs (a batch best better than an earlier one)
+        among the up to ``stall_window`` batches before the window, solved at their mean lag; the
+        window's Mann-Kendall sum against the sum that ``theta`` predicts, in deviations of the
+        sum under no trend. None when no window can be judged or the job had no trend to lose.
+        """
+        c = self.config
+        cum = self._rank_cumulative
+        n = len(cum)
+        worst: dict[str, Any] | None = None
+        for w in c.stall_rank_windows:
+            history = min(n - w, c.stall_window)
+            if history < 2 * c.stall_cycles:
+                continue
+            hi, lo = n - w - 1, n - w - history  # the history: positions lo..hi
+            pairs = concordant = lag_sum = 0.0
+            for k in range(1, min(self._rank_lags, history - 1) + 1):
+                start = lo + k - 1  # pairs (j - k, j) for j in start + 1..hi
+                concordant += cum[hi][k] - cum[start][k]
+                pairs += hi - start
+                lag_sum += k * (hi - start)
+            share = min(concordant / pairs, 1 - 0.5 / pairs)
+            if share <= 0.5:
+                continue  # no trend to lose
+            theta = math.sqrt(2) * _NORMAL.inv_cdf(share) / (lag_sum / pairs)
+            observed = expected = 0.0
+            for k in range(1, w):
+                observed += 2 * (cum[n - 1][k] - cum[n - w + k - 1][k]) - (w - k)
+                expected += (w - k) * math.erf(theta * k / 2)  # 2 Phi(theta k / sqrt 2) - 1
+            z = (expected - observed) / math.sqrt(w * (w - 1) * (2 * w + 5) / 18)
+            if worst is None or z > worst["z"]:
+                worst = {"window": w, "rank_sum": observed, "expected_rank_sum": expected, "z": z}
+        return worst
+
+    def _rank_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
+        """A stall seen in the batch bests' ranks: a window's trend ``stall_rank_z`` deviations short."""
+        far, why = self._far_from_goal(best, self._improvements[-1][0])
+        if not far:
+            return None
+        shortfall = self._rank_shortfall()
+        if shortfall is None or shortfall["z"] <= self.config.stall_rank_z:
+            return None
+        return {
+            "message": (
+                f"cycle {record.cycle}: the last {shortfall['window']} batch bests lost the job's trend "
+                f"(rank sum {shortfall['rank_sum']:+.0f} where its pace predicts "
+                f"{shortfall['expected_rank_sum']:+.0f}, {shortfall['z']:.1f} deviations short; "
+                f"best {record.best_score:.6g}); {why}"
+            ),
+            "cycles_without_improvement": record.cycle - self._improvements[-1][0],
+            **shortfall,
+            "best_score": record.best_score,
+            "target": self.target,
+            "reason": why,
+        }
 
     def _hovering(self, best: float, after: int) -> bool:
         """Whether the batch bests since cycle ``after`` stopped closing in on the best: the median
