@@ -3,8 +3,8 @@
 Starts a private PostgreSQL (one database for the Prefect server, one for the job store) and a
 ``prefect server start`` on it, then runs ``tests/queue_scenario.py``: ``irefine setup`` twice,
 ``prefect deploy`` of ``refine``, 30 submissions through ``irefine submit``'s entry point (at once:
-the rate limit paces them), two ``prefect worker start --limit 3`` workers started once every job
-waits, a job limit of 3. Everything is removed at the end.
+the rate limit paces them), two ``irefine worker --limit 6`` workers (polling in turns) started
+once every job waits, a job limit of 3. Everything is removed at the end.
 
 Progress goes to stderr; the last stdout line is one JSON object. From the repository root::
 
@@ -43,17 +43,26 @@ def main() -> None:
     started = time.monotonic()
     with PostgresServer() as postgres, tempfile.TemporaryDirectory(prefix="ire-bench-queues-") as work:
         log("starting the Prefect server")
-        server = PrefectServer(postgres.new_database())
+        prefect_database = postgres.new_database()
+        server = PrefectServer(prefect_database)
         try:
-            result = run_scenario(server.url, postgres.new_database(), Path(work), ScenarioConfig(), log=log)
+            result = run_scenario(
+                server.url,
+                postgres.new_database(),
+                Path(work),
+                ScenarioConfig(),
+                log=log,
+                prefect_database_url=prefect_database,
+            )
         finally:
             server.close()
     summary = result.summary()
     if args.runs:
+        chosen = result.chosen_at
         for run in sorted(result.runs, key=lambda r: r.taken or float("inf")):
             log(
-                f"{run.job_id:<14} {run.state:<10} created {run.created:.1f} taken {run.taken} "
-                f"job {run.job_started}..{run.job_ended}"
+                f"{run.job_id:<14} {run.state:<10} created {run.created:.1f} chosen {chosen.get(run.job_id)} "
+                f"taken {run.taken} job {run.job_started}..{run.job_ended} ended {run.ended}"
             )
     if summary["priority_inversions"]:
         log(f"inversions (lower, higher): {result.inversions}")

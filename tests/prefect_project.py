@@ -1,5 +1,5 @@
 """The project as a user deploys it, for tests and benchmarks: `irefine setup`, `prefect deploy`, and
-`prefect worker start` process workers, each a subprocess pointed at a given Prefect server."""
+`irefine worker` process workers, each a subprocess pointed at a given Prefect server."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def deploy(api_url: str, *names: str, timeout: float = 300) -> subprocess.Comple
 
 
 class ProcessWorker:
-    """``prefect worker start --pool POOL --limit N`` in its own process group (its flow runs are
-    child processes: :meth:`stop` ends them too). Polls every ``poll_seconds``."""
+    """``irefine worker --pool POOL --limit N`` in its own process group (its flow runs are child
+    processes: :meth:`stop` ends them too). Polls every ``poll_seconds``; logs at ``log_level``
+    (DEBUG: each poll's start and end, for tests/queue_scenario.py)."""
 
     def __init__(
         self,
@@ -69,10 +70,12 @@ class ProcessWorker:
         env: dict[str, str] | None = None,
         poll_seconds: float = 1.0,
         name: str | None = None,
+        log_level: str = "INFO",
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", str(limit)]
+        command = [sys.executable, "-m", "irefine", "worker", "--pool", pool, "--limit", str(limit)]
+        command += ["--log-level", log_level]
         if name:
             command += ["--name", name]
         self.process = subprocess.Popen(

@@ -2,8 +2,8 @@
 
 On a given Prefect server: ``irefine setup`` twice, deploy ``refine``, submit jobs of mixed priority
 through :func:`irefine.submit.submit_job` (what ``irefine submit`` calls), then start process
-workers (after the submissions, so that every job waits at the same time) and wait for every flow
-run to end. Every job writes to one shared job store.
+workers with ``irefine worker`` (after the submissions, so that every job waits at the same time)
+and wait for every flow run to end. Every job writes to one shared job store.
 
 What is measured, from the flow runs' state timestamps and the jobs' store records:
 
@@ -11,14 +11,17 @@ What is measured, from the flow runs' state timestamps and the jobs' store recor
 * *priority inversions*: pairs (L, H) where H is on a higher-priority queue than L, H was waiting
   (created, not yet taken) when the server chose L (the start of the worker poll that returned
   L; L's Pending time when no log says), H was taken more than ``grace`` seconds after L, and
-  H's queue was below its concurrency limit at that moment.
+  H's queue was below its concurrency limit at that moment: fewer of its runs were Pending or
+  Running (taken and not ended, by when the server wrote those states) than its limit, the
+  runs of H's queue that the same poll chose counted in.
   ``grace`` (two worker polls) absorbs that a worker takes the runs of one poll concurrently,
-  so runs handed out together can reach Pending in any order.
-  An inversion is *explained by a concurrent poll* when the poll of the worker that took L
-  overlapped a poll of the other worker (from the workers' debug logs). Prefect's queue query
-  locks the runs it considers (``FOR UPDATE SKIP LOCKED``), more than it returns when slots are
-  few; a poll running at the same moment skips those and may return a lower-priority run.
-  That race is Prefect's; ``priority_inversions`` counts the others.
+  so runs handed out together can reach Pending in any order. ``priority_inversions`` counts
+  them all; ``inversions_concurrent_polls`` says how many of them came from a poll of the worker
+  that took L overlapping a poll of the other worker (from the workers' debug logs): Prefect's
+  queue query locks the runs it considers (``FOR UPDATE SKIP LOCKED``), more than it returns
+  when slots are few, and a poll running at the same moment skips those and may return a
+  lower-priority run. ``irefine worker`` polls in turns (deployments/worker.py), so
+  *overlapping polls* (pairs of the two workers' polls that overlap in time) should be none.
 * *running jobs*: a job runs from its creation in the store to its last write; in a deployment
   run both happen inside the flow's ``irefine-running-jobs`` slot. ``max_running`` is the
   largest number of those intervals that overlap.
@@ -63,10 +66,9 @@ SETUP_SUBMISSION_BURST = 10  # irefine setup's default burst of irefine-submissi
 class ScenarioConfig:
     """The knobs: jobs per queue, workers and their limits, the job limit and the submission rate.
 
-    A worker's ``--limit`` must not be what binds: a worker with no room left still fetches the
-    runs the server hands out (and locks them for its query, hiding them from a concurrent poll
-    of the other worker) but takes none, so lower-priority runs would go first. Flow-run
-    processes also outlive their runs by seconds. The pool limit (= the job limit) binds instead.
+    A worker's ``--limit`` is above the job limit, so that the pool limit (= the job limit), which
+    the server applies in queue-priority order, is what binds: flow-run processes outlive their
+    runs by seconds, and a worker with no room left would fetch runs only to leave them.
     """
 
     mix: Mapping[str, int] = field(default_factory=lambda: dict(PRIORITY_MIX))
@@ -95,7 +97,9 @@ class ObservedRun:
     flow_run_id: str
     queue: str
     created: float
-    taken: float | None  # Pending: a worker took it
+    # Pending (a worker took it) and the final state: when the server wrote the state (the Prefect
+    # database's state row, when the scenario reads it), else when it received it.
+    taken: float | None
     started: float | None  # Running
     ended: float | None
     state: str
@@ -128,13 +132,17 @@ def priority_inversions(
     ``chosen_at`` maps a job id to when the server chose its run (the start of the worker poll that
     returned it); the queues' load is judged then, as the server judged it. Without it, at the
     run's Pending time: a run of H's queue that ended between the poll and that moment would make
-    H's queue look free when the server saw it full.
+    H's queue look free when the server saw it full. Runs of H's queue that the same poll chose
+    count as taken then: the server gave them H's queue's free slots before it gave the pool's
+    remaining slots to lower queues.
     """
+    chosen = chosen_at or {}
     inverted = []
     for low in runs:
         if low.taken is None:
             continue
-        at = (chosen_at or {}).get(low.job_id, low.taken)
+        at = chosen.get(low.job_id, low.taken)
+        same_poll = {job for job, poll in chosen.items() if poll == at} if low.job_id in chosen else set()
         for high in runs:
             if PRIORITY[high.queue] >= PRIORITY[low.queue] or high.created >= at:
                 continue
@@ -146,7 +154,8 @@ def priority_inversions(
                 for r in runs
                 if r.queue == high.queue
                 and r.taken is not None
-                and r.taken <= at < (r.ended if r.ended is not None else math.inf)
+                and (r.taken <= at or r.job_id in same_poll)
+                and at < (r.ended if r.ended is not None else math.inf)
             )
             if limit is None or busy < limit:
                 inverted.append((low.job_id, high.job_id))
@@ -247,7 +256,8 @@ class ScenarioResult:
     worker_logs: list[WorkerLog] = field(default_factory=list)
 
     @property
-    def all_inversions(self) -> list[tuple[str, str]]:
+    def inversions(self) -> list[tuple[str, str]]:
+        """Every priority inversion (module docstring), whatever its cause."""
         return priority_inversions(self.runs, self.queue_limits, self.config.grace_seconds, self.chosen_at)
 
     @property
@@ -263,14 +273,20 @@ class ScenarioResult:
 
     @property
     def race_inversions(self) -> list[tuple[str, str]]:
-        """Inversions explained by two workers polling at once (Prefect's race, see above)."""
-        return explained_by_concurrent_polls(self.all_inversions, self.runs, self.worker_logs)
+        """The inversions that two workers polling at once explain (Prefect's race, see above)."""
+        return explained_by_concurrent_polls(self.inversions, self.runs, self.worker_logs)
 
     @property
-    def inversions(self) -> list[tuple[str, str]]:
-        """Inversions that no concurrent poll explains: the scheduling's own."""
-        race = set(self.race_inversions)
-        return [pair for pair in self.all_inversions if pair not in race]
+    def overlapping_polls(self) -> int:
+        """Pairs of polls of different workers that overlapped in time (turns allow none)."""
+        return sum(
+            1
+            for i, log in enumerate(self.worker_logs)
+            for other in self.worker_logs[i + 1 :]
+            for start, end in log.polls
+            for other_start, other_end in other.polls
+            if start <= other_end and other_start <= end
+        )
 
     @property
     def max_running(self) -> int:
@@ -307,6 +323,7 @@ class ScenarioResult:
             "lost": len(self.runs) - completed,
             "priority_inversions": len(self.inversions),
             "inversions_concurrent_polls": len(self.race_inversions),
+            "overlapping_polls": self.overlapping_polls,
             "max_running": self.max_running,
             "limit": self.config.job_limit,
             "p95_wait_s_by_queue": {q: round(v, 2) for q, w in waits.items() if (v := p95(w)) is not None},
@@ -366,8 +383,49 @@ async def _wait_until_ended(flow_run_ids: list[str], timeout: float) -> None:
             await asyncio.sleep(2)
 
 
+def _state_writes(prefect_database_url: str, flow_run_ids: list[str]) -> dict[str, tuple[float, float]]:
+    """Per flow run, when the server wrote its first Pending state and its final state (epoch
+    seconds; each is NaN if absent), from the Prefect database's ``flow_run_state`` rows.
+
+    A state's ``timestamp`` is when the server received it; its row is written after the
+    orchestration rules ran, shortly before the commit that the next worker poll's query sees.
+    A run whose Completed state was received just before a poll started could still be Running
+    for that query (seen: 47 ms apart on a loaded machine).
+    """
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(prefect_database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT flow_run_id::text, type, created FROM flow_run_state "
+                    "WHERE flow_run_id::text = ANY(:ids)"
+                ),
+                {"ids": flow_run_ids},
+            ).all()
+    finally:
+        engine.dispose()
+    writes: dict[str, tuple[float, float]] = {}
+    for run_id in flow_run_ids:
+        own = [(str(kind), created.timestamp()) for rid, kind, created in rows if rid == run_id]
+        pending = min((at for kind, at in own if kind.endswith("PENDING")), default=math.nan)
+        final = max(
+            (at for kind, at in own if kind.rsplit(".", 1)[-1] in _FINAL_STATE_TYPES), default=math.nan
+        )
+        writes[run_id] = (pending, final)
+    return writes
+
+
+_FINAL_STATE_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 async def _observe(
-    submitted: list[Submission], database_url: str
+    submitted: list[Submission], database_url: str, prefect_database_url: str | None = None
 ) -> tuple[list[ObservedRun], dict[str, int | None], int, tuple[bool, int]]:
     from uuid import UUID
 
@@ -379,6 +437,11 @@ async def _observe(
 
     store = JobStore(database_url)
     observed = []
+    writes = (
+        _state_writes(prefect_database_url, [s.flow_run_id for s in submitted])
+        if prefect_database_url
+        else {}
+    )
     try:
         async with get_client() as client:
             queues = await client.read_work_queues(work_pool_name="irefine-local")
@@ -393,7 +456,10 @@ async def _observe(
                 job_id, run_id, queue = submission.job_id, submission.flow_run_id, submission.queue
                 run = await client.read_flow_run(UUID(run_id))
                 states = await client.read_flow_run_states(UUID(run_id))
-                taken = min((s.timestamp for s in states if s.type.value == "PENDING"), default=None)
+                taken = _epoch(min((s.timestamp for s in states if s.type.value == "PENDING"), default=None))
+                ended = _epoch(run.end_time)
+                if run_id in writes:
+                    taken, ended = (_nan_to_none(at) for at in writes[run_id])
                 try:
                     job = store.get_job(job_id, fresh=True)
                 except JobNotFoundError:
@@ -404,9 +470,9 @@ async def _observe(
                         flow_run_id=run_id,
                         queue=queue,
                         created=run.created.timestamp() if run.created else math.nan,
-                        taken=_epoch(taken),
+                        taken=taken,
                         started=_epoch(run.start_time),
-                        ended=_epoch(run.end_time),
+                        ended=ended,
                         state=run.state_name or "",
                         job_status=job.status.value if job else None,
                         job_started=_epoch(job.created_at) if job else None,
@@ -425,8 +491,13 @@ def run_scenario(
     workdir: Path,
     config: ScenarioConfig | None = None,
     log: Callable[[str], None] = lambda line: None,
+    prefect_database_url: str | None = None,
 ) -> ScenarioResult:
-    """Run the scenario against the server at ``api_url``; jobs share the store at ``database_url``."""
+    """Run the scenario against the server at ``api_url``; jobs share the store at ``database_url``.
+
+    Given the server's own database, ``prefect_database_url``, the runs' Pending and final times
+    are when the server wrote those states (:func:`_state_writes`), else when it received them.
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     config = config or ScenarioConfig()
@@ -441,14 +512,13 @@ def run_scenario(
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         log(f"submitting {config.jobs} jobs")
         submitted, submit_seconds = asyncio.run(_submit_all(config))
-        log(f"submitted in {submit_seconds:.1f} s; starting {config.workers} workers")
+        log(f"submitted in {submit_seconds:.1f} s; starting {config.workers} `irefine worker`s")
         env = {
             "IRE_DATABASE_URL": database_url,
             "IRE_HOME": str(workdir / "ire-home"),
             "PREFECT_HOME": str(workdir / "prefect-home"),  # result storage of describe-problem
-            # The workers' polls, for explained_by_concurrent_polls.
+            # The workers' polls (with --log-level DEBUG), for WorkerLog.
             "PREFECT_LOGGING_LOGGERS_PREFECT_WORKERS_LEVEL": "DEBUG",
-            "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "DEBUG",
         }
         workers = [
             ProcessWorker(
@@ -459,6 +529,7 @@ def run_scenario(
                 env=env,
                 poll_seconds=config.poll_seconds,
                 name=f"scenario-worker-{n}",
+                log_level="DEBUG",
             )
             for n in range(config.workers)
         ]
@@ -468,7 +539,9 @@ def run_scenario(
             for worker in workers:
                 worker.stop()
         log("all flow runs ended (or timed out); reading states and jobs")
-        observed, queue_limits, slots_left, evaluation_slots = asyncio.run(_observe(submitted, database_url))
+        observed, queue_limits, slots_left, evaluation_slots = asyncio.run(
+            _observe(submitted, database_url, prefect_database_url)
+        )
         drain_prefect()  # this process's events (rate-limit slots) while the server is up
     today = datetime.now().astimezone()
     logs = [WorkerLog.parse(w.log_path.read_text(errors="replace"), today) for w in workers]

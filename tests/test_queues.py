@@ -1,8 +1,9 @@
 """Issue 4's priority scenario on a real Prefect server (PostgreSQL) with two process workers.
 
 30 jobs of mixed priority go in through ``irefine submit``'s entry point, all at once, before the
-workers start, so all of them wait at the same time; the workers (2 x ``--limit 6``, room for 12)
-then drain them under a job limit of 3. Slow on a busy 2-core machine: 30 flow-run processes.
+workers start, so all of them wait at the same time; the workers (2 x ``irefine worker --limit
+6``, room for 12, polling in turns) then drain them under a job limit of 3. Slow on a busy 2-core
+machine: 30 flow-run processes.
 The measures are defined in ``tests/queue_scenario.py`` and checked on hand-made timelines
 first, so that a broken measure cannot pass.
 """
@@ -67,6 +68,18 @@ def test_inversion_measure_allows_one_poll_and_a_full_queue() -> None:
     ]
     assert priority_inversions(ends_meanwhile, LIMITS, grace=2) == [("low", "n3")]
     assert priority_inversions(ends_meanwhile, LIMITS, grace=2, chosen_at={"low": 4.8}) == []
+    # One poll (started at 9.9) chose n2, for normal's last free slot, and low: n3 had no room.
+    # Had another poll chosen n2 after low's, normal had room when low was chosen.
+    one_poll = [
+        _run("n1", "normal", 0, 1, 30),
+        _run("n2", "normal", 0, 10.1, 30),
+        _run("low", "low", 0, 10.0, 20),
+        _run("n3", "normal", 0, 30, 40),
+    ]
+    assert priority_inversions(one_poll, LIMITS, grace=2, chosen_at={"n2": 9.9, "low": 9.9}) == []
+    assert priority_inversions(one_poll, LIMITS, grace=2, chosen_at={"n2": 9.95, "low": 9.9}) == [
+        ("low", "n3")
+    ]
 
 
 WORKER_LOG = """\
@@ -96,6 +109,14 @@ def test_worker_log_and_concurrent_poll_attribution() -> None:
     assert explained_by_concurrent_polls([("low", "high")], [low, high], [log, apart]) == []
 
 
+def test_overlapping_polls_are_pairs_of_two_workers_polls() -> None:
+    one = WorkerLog([(0.0, 1.0), (2.0, 3.0)], {})
+    two = WorkerLog([(1.5, 1.9), (2.5, 4.0)], {})
+    result = ScenarioResult(ScenarioConfig(), [], [], {}, 0.0, 0, (False, 0), [one, two])
+    assert result.overlapping_polls == 1  # (2, 3) and (2.5, 4); a worker's own polls never count
+    assert ScenarioResult(ScenarioConfig(), [], [], {}, 0.0, 0, (False, 0), [one]).overlapping_polls == 0
+
+
 def test_overlap_and_rate_measures() -> None:
     assert max_overlap([(0, 10), (5, 15), (10, 20)]) == 2  # an end and a start at 10 do not overlap
     assert max_overlap([(0, 10), (1, 9), (2, 8), (3, 7)]) == 4
@@ -117,13 +138,15 @@ def scenario(postgres_server, tmp_path_factory) -> ScenarioResult:
     (paused queues, other job limits) must not mix with its measures."""
     from tests.prefect_server import PrefectServer
 
-    server = PrefectServer(postgres_server.new_database())
+    prefect_database = postgres_server.new_database()
+    server = PrefectServer(prefect_database)
     try:
         return run_scenario(
             server.url,
             postgres_server.new_database(),
             tmp_path_factory.mktemp("queues"),
             ScenarioConfig(),
+            prefect_database_url=prefect_database,
         )
     finally:
         server.close()
@@ -155,11 +178,13 @@ def test_higher_priority_queues_start_first(scenario: ScenarioResult) -> None:
     runs = scenario.runs
     first_taken = min(r.taken for r in runs if r.taken is not None)
     assert all(r.created < first_taken for r in runs)  # all 30 waited at the same time
-    # Every run is in a worker's log (in both when both polls returned it and one lost the
-    # race to Pending), so no inversion escapes the attribution to concurrent polls.
+    # Every run is in a worker's log, so every inversion is judged at the poll that chose it.
     took = {run_id for log in scenario.worker_logs for run_id in log.took}
     assert took == {r.flow_run_id for r in runs}
-    assert scenario.inversions == [], f"concurrent polls explain {scenario.race_inversions}"
+    # All inversions count, those of two polls racing in Prefect's queue query too; the workers
+    # poll in turns, so no two polls overlapped.
+    assert scenario.overlapping_polls == 0
+    assert scenario.inversions == [], f"of which concurrent polls explain {scenario.race_inversions}"
     # And the order is visible: every critical job was taken before any low one.
     critical = [r.taken for r in runs if r.queue == "critical" and r.taken is not None]
     low = [r.taken for r in runs if r.queue == "low" and r.taken is not None]
@@ -172,6 +197,9 @@ def test_higher_priority_queues_start_first(scenario: ScenarioResult) -> None:
 def test_running_jobs_never_exceed_the_limit(scenario: ScenarioResult) -> None:
     # The workers have room for 12 and all 30 jobs wait; the irefine-running-jobs slot says 3.
     assert 2 <= scenario.max_running <= scenario.config.job_limit == 3
+    # The pool's limit (3) holds the flow runs too: polls in turns never both count the same free
+    # slots, so no flow run waits Running for a job slot.
+    assert scenario.max_running_flow_runs <= scenario.config.job_limit
     assert scenario.slots_left == 0  # every job gave its slot back
     # Each cycle's evaluate stage took irefine-evaluations slots, and gave them back.
     assert scenario.evaluation_slots == (True, 0)
