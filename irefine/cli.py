@@ -712,10 +712,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="create the work pools, queues and concurrency limits on the Prefect server",
         description="Create or update, on the server of PREFECT_API_URL, the process pool irefine-local "
         "and the kubernetes pool irefine-aks, each with queues critical/high/normal/low (priorities "
-        "1-4), and the global limits irefine-running-jobs, irefine-evaluations and the rate limit "
-        "irefine-submissions, and the automations: resume crashed jobs, pause a queue after a burst "
-        "of failures, deadline and anomaly alerts (notifying the --notify-webhook URL). Idempotent: a "
-        "second run reports everything unchanged.",
+        "1-4), the global limits irefine-running-jobs, irefine-evaluations, irefine-worker-poll (the "
+        "turn in which an `irefine worker` polls) and the rate limit irefine-submissions, and the "
+        "automations: resume crashed jobs, pause a queue after a burst of failures, deadline and "
+        "anomaly alerts (notifying the --notify-webhook URL). Idempotent: a second run reports "
+        "everything unchanged.",
     )
     setup.add_argument("--no-aks", action="store_true", help="skip the kubernetes pool irefine-aks")
     setup.add_argument(
