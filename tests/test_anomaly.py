@@ -245,7 +245,7 @@ def test_config_from_spec_params() -> None:
         ({"failure_prior": [1]}, "failure_prior must be [failures, evaluations]"),
         ({"stall_slowdown_windows": [0]}, "stall_slowdown_windows must be a list"),
         ({"stall_rank_windows": "8"}, "stall_rank_windows must be a list"),
-        ({"stall_rank_windows": [2, 8]}, "stall_rank_windows must be whole numbers >= 3"),
+        ({"stall_rank_windows": [2, 8]}, "stall_rank_windows must be a list of whole numbers >= 3"),
         ({"timing_z": math.nan}, "timing_z must be a number"),
     ],
 )

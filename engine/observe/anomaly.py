@@ -218,9 +218,10 @@ class DetectorConfig:
                 raise ValueError(f"unknown setting {name!r} (known: {known})")
             default = getattr(defaults, name)
             if name in ("stall_slowdown_windows", "stall_rank_windows"):
-                ok = isinstance(value, list | tuple) and all(isinstance(w, int) and w >= 1 for w in value)
+                least = 3 if name == "stall_rank_windows" else 1  # a rank trend needs 3 batches
+                ok = isinstance(value, list | tuple) and all(isinstance(w, int) and w >= least for w in value)
                 if not ok or not value:
-                    raise ValueError(f"{name} must be a list of whole numbers >= 1, got {value!r}")
+                    raise ValueError(f"{name} must be a list of whole numbers >= {least}, got {value!r}")
                 value = tuple(value)
             elif name == "failure_prior":
                 ok = isinstance(value, list | tuple) and len(value) == 2 and all(map(_is_number, value))
