@@ -217,13 +217,24 @@ def test_irefine_worker_bad_input_is_one_line_exit_2(
     assert len(lines) == 1 and says in lines[0], done.stderr
 
 
-def test_irefine_worker_without_the_poll_limit_says_run_setup(pool: Pool, prefect_api: str) -> None:
+def test_without_the_poll_limit_a_worker_fails_and_says_run_setup(pool: Pool, prefect_api: str) -> None:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     from deployments.setup import WORKER_POLL_LIMIT
+    from deployments.worker import PollLimitMissing, take_poll_turn
+
+    async def poll(client: Any) -> None:
+        # A worker that lost the limit while running stops polling (the error ends its loop)
+        # rather than poll without turns.
+        with pytest.raises(PollLimitMissing, match="run `irefine setup`"):
+            await take_poll_turn(client, wait_seconds=5)
+        async with _worker(pool) as worker:
+            with pytest.raises(PollLimitMissing):
+                await worker.get_and_submit_flow_runs()
 
     _call(lambda client: client.delete_global_concurrency_limit_by_name(WORKER_POLL_LIMIT))
     try:
+        _call(poll)
         done = _irefine_worker(prefect_api, "--pool", pool.name)
     finally:
         _call(
