@@ -78,10 +78,30 @@ class Run:
     eval_seconds: float
     stages: dict[str, float] = field(default_factory=dict)
     cached: int = 0
+    server_cpu: float = 0.0
 
     def efficiency(self, workers: int) -> float:
         """Evaluation time / (wall time x workers): the share of the workers' time spent evaluating."""
         return self.eval_seconds / (self.wall * workers)
+
+
+_SERVER_PID: list[int] = []
+"""The Prefect server's process, set by :func:`services`."""
+
+
+def server_cpu_seconds() -> float:
+    """CPU seconds the Prefect server process has used so far (it shares the workers' cores)."""
+    import psutil
+
+    times = psutil.Process(_SERVER_PID[0]).cpu_times()
+    return float(times.user + times.system)
+
+
+def server_excess_ms(baseline: Run, engine: Run) -> float:
+    """Server CPU ms a cycle the engine run caused: its server CPU less what the server used
+    idle (its rate during the paired baseline run, over the engine run's wall time)."""
+    idle = baseline.server_cpu / baseline.wall * engine.wall
+    return 1000 * (engine.server_cpu - idle) / engine.cycles
 
 
 def log(message: str) -> None:
@@ -238,11 +258,14 @@ def measure_case(client: Any, case: Case, reps: int, cycles: int, dask_address: 
         seed = case.seed + rep  # both sides of a pair do identical work
         order = ("baseline", "engine") if rep % 2 == 0 else ("engine", "baseline")
         for side in order:
+            server_before = server_cpu_seconds()
             if side == "baseline":
                 baseline.append(run_baseline(client, case, seed, cycles))
+                baseline[-1].server_cpu = server_cpu_seconds() - server_before
                 log(f"{case.name} rep {rep + 1}: baseline {baseline[-1].wall:.2f} s")
             else:
                 engine.append(run_engine(case, seed, cycles, dask_address))
+                engine[-1].server_cpu = server_cpu_seconds() - server_before
                 log(f"{case.name} rep {rep + 1}: engine   {engine[-1].wall:.2f} s")
     ratios = [e.wall / b.wall for b, e in zip(baseline, engine, strict=True)]
     return {
@@ -257,6 +280,9 @@ def measure_case(client: Any, case: Case, reps: int, cycles: int, dask_address: 
         "efficiency_engine": [round(r.efficiency(WORKERS), 3) for r in engine],
         "efficiency_baseline": [round(r.efficiency(WORKERS), 3) for r in baseline],
         "engine_cached": [r.cached for r in engine],
+        "server_excess_cpu_ms_per_cycle": round(
+            statistics.median(server_excess_ms(b, e) for b, e in zip(baseline, engine, strict=True)), 1
+        ),
         "stages_ms_per_cycle": stage_report(baseline, engine),
     }
 
@@ -370,7 +396,8 @@ def services() -> Iterator[tuple[Any, str]]:
         for name in ("IRE_DATABASE_URL", "IRE_DATABASE_REPLICA_URL", "IRE_DASK_ADDRESS"):
             os.environ.pop(name, None)
         log("starting PostgreSQL and the Prefect server")
-        stack.enter_context(prefect_api_on_postgres())
+        server = stack.enter_context(prefect_api_on_postgres())
+        _SERVER_PID[:] = [server.process.pid]
 
         from distributed import Client, LocalCluster
 
@@ -387,6 +414,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repetition and fewer cycles")
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from deployments.server import SERVER_SETTINGS
+
     reps = 1 if args.quick else 3
     report: dict[str, Any] = {"bench": "overhead"}
     with services() as (client, address):
@@ -410,6 +439,7 @@ def main() -> None:
             "first_cycle_s_existing_dask": first["existing_dask"]["median"],
             **results,
             "first_cycle": first,
+            "server_settings": dict(SERVER_SETTINGS),
             "quick": args.quick,
             "workers": WORKERS,
             "machine_cpus": os.cpu_count(),

@@ -18,7 +18,8 @@ from typing import Any, Literal, TypeVar
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.runtime import deployment, flow_run
+from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
 from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import NotSet, quote
 
@@ -122,6 +123,25 @@ def prefect_stage(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T
     return boxed.value  # type: ignore[no-any-return]  # the stage returns a T
 
 
+@contextlib.contextmanager
+def _without_flow_heartbeat() -> Iterator[None]:
+    """Prefect's settings with the flow heartbeat off (Prefect 3.9 defaults it to 180 s).
+
+    A copy of the current settings with one field changed: ``temporary_settings`` would rebuild
+    and validate every setting, 80-500 ms for each run (profiled on a busy 2-core machine).
+    """
+    from prefect.context import SettingsContext, get_settings_context
+
+    context = get_settings_context()
+    settings = context.settings
+    if settings.flows.heartbeat_frequency is None:
+        yield
+        return
+    flows = settings.flows.model_copy(update={"heartbeat_frequency": None})
+    with SettingsContext(profile=context.profile, settings=settings.model_copy(update={"flows": flows})):
+        yield
+
+
 def run_refine(hooks: LocalHooks | None = None, **parameters: Any) -> dict[str, Any]:
     """Call the ``refine`` flow in this process (the CLI's and the benchmarks' way in).
 
@@ -129,16 +149,11 @@ def run_refine(hooks: LocalHooks | None = None, **parameters: Any) -> dict[str, 
     with every cycle, and a sync flow run would otherwise wait up to 1 s at exit for the
     heartbeat thread's sleep to end.
     """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
     # Exempt what exists now (Prefect, pydantic and Dask leave millions of long-lived objects)
     # from the cyclic collector: py-spy showed 54% of a 5,000-candidate cycle in gc_collect_main
     # walking that heap again and again while the cycle allocated its candidates.
     gc.freeze()
-    with (
-        temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
-        local_hooks(hooks or LocalHooks()),
-    ):
+    with _without_flow_heartbeat(), local_hooks(hooks or LocalHooks()):
         result: dict[str, Any] = refine(**parameters)
     return result
 
@@ -166,8 +181,18 @@ JOB_SLOT_LEASE_SECONDS = 60.0
 while the job runs); Prefect's default of 300 s would hold back the resumed run that long."""
 
 
+def deployment_id() -> str | None:
+    """This flow run's deployment, from its run context. ``prefect.runtime.deployment.get_id``
+    looks for it on the context object rather than on its flow run, finds nothing, and reads the
+    flow run from the API instead, on every call: three round trips a job, 0.1 s each on a busy
+    2-core machine."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    return str(run.deployment_id) if run is not None and run.deployment_id else None
+
+
 @contextlib.contextmanager
-def running_job_slot() -> Iterator[None]:
+def running_job_slot(deployed: bool) -> Iterator[None]:
     """In a deployment run, hold a slot of the global limit ``irefine-running-jobs`` for the job.
 
     The work pool's concurrency limit (``irefine setup`` sets it to the same number) is what makes
@@ -177,7 +202,7 @@ def running_job_slot() -> Iterator[None]:
     run instead of running unlimited. In-process runs (``irefine run``) have no deployment and
     take no slot.
     """
-    if not deployment.get_id():
+    if not deployed:
         yield
         return
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
@@ -201,13 +226,13 @@ def running_job_slot() -> Iterator[None]:
         yield
 
 
-def evaluation_slots(stages: StageRunner) -> StageRunner:
+def evaluation_slots(stages: StageRunner, deployed: bool) -> StageRunner:
     """In a deployment run, ``stages`` with each cycle's evaluate stage inside slots of the global
     limit ``irefine-evaluations``: one slot per shard it fans out (at most the whole limit), so
     all jobs together keep at most that many shards in flight. ``strict``: a missing limit fails
     the run. In-process runs (``irefine run``) take none: their stages are ``stages`` itself.
     """
-    if not deployment.get_id():
+    if not deployed:
         return stages
     from prefect import get_client
     from prefect.concurrency.sync import concurrency
@@ -284,7 +309,8 @@ def refine(
     logger = get_run_logger()
     settings = load_settings()
     run_id = str(flow_run.get_id() or "") or None
-    if spec is not None and job_id is None and deployment.get_id():
+    deployed = deployment_id() is not None
+    if spec is not None and job_id is None and deployed:
         # A deployment run names its job after itself, so that a rerun of the same flow run
         # (the resume-on-crash automation) finds and resumes the job instead of starting anew.
         job_id = f"run-{run_id}"
@@ -295,7 +321,7 @@ def refine(
     slot = contextlib.ExitStack()  # released after the store's last write
     slot.callback(undo_logs)
     try:
-        slot.enter_context(running_job_slot())
+        slot.enter_context(running_job_slot(deployed))
         existing = _existing(store, job_id, spec) if spec is not None and job_id is not None else None
         if existing is not None and existing.status is JobStatus.COMPLETED:
             # A rerun of a flow run whose process died after the job completed, before Prefect
@@ -329,7 +355,7 @@ def refine(
                 job,
                 store,
                 runner,
-                stages=evaluation_slots(prefect_stage),
+                stages=evaluation_slots(prefect_stage, deployed),
                 listeners=[*hooks.listeners, observers],
                 cache=cache_config,
             )

@@ -47,6 +47,10 @@ def _quiet_prefect() -> None:
         # Its first start migrates a new database: 20 s (Prefect's default wait) is not enough
         # on a small, busy machine.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        # Batched task-run writes (deployments/server.py): the server shares this machine's cores.
+        from deployments.server import apply_server_settings
+
+        apply_server_settings()
     # Modules given as module:attr resolve from the working directory, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

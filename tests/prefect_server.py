@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from deployments.server import SERVER_SETTINGS
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,6 +34,7 @@ class PrefectServer:
         self.log_path = self.home / "server.log"
         async_url = database_url.replace("postgresql+psycopg://", "postgresql+asyncpg://")
         env = {
+            **SERVER_SETTINGS,  # what we recommend for a server that runs refinement jobs
             **os.environ,
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": async_url,

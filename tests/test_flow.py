@@ -135,3 +135,33 @@ def test_problem_description_is_persisted_and_reused_across_runs(
         import redis
 
         assert redis.Redis(port=redis_server.port, db=3).dbsize() >= 1  # the result lives in Redis
+
+
+def test_run_refine_turns_the_flow_heartbeat_off_for_its_call_only(prefect_api) -> None:
+    from prefect.settings import get_current_settings
+
+    from flows.refine import _without_flow_heartbeat
+
+    before = get_current_settings()
+    assert before.flows.heartbeat_frequency is not None  # Prefect 3.9's default: 180 s
+    with _without_flow_heartbeat():
+        inside = get_current_settings()
+        assert inside.flows.heartbeat_frequency is None
+        assert inside.api.url == before.api.url  # every other setting kept
+        assert inside.flows.model_dump(exclude={"heartbeat_frequency"}) == before.flows.model_dump(
+            exclude={"heartbeat_frequency"}
+        )
+    assert get_current_settings().flows.heartbeat_frequency == before.flows.heartbeat_frequency
+
+
+def test_deployment_id_reads_the_run_context_not_the_api(prefect_api, ire_env) -> None:
+    from prefect import flow
+
+    from flows.refine import deployment_id
+
+    @flow
+    def probe() -> str | None:
+        return deployment_id()
+
+    assert deployment_id() is None  # outside any flow run
+    assert probe() is None  # a flow run without a deployment
