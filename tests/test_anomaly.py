@@ -247,6 +247,8 @@ def test_config_from_spec_params() -> None:
         ({"stall_rank_windows": "8"}, "stall_rank_windows must be a list"),
         ({"stall_rank_windows": [2, 8]}, "stall_rank_windows must be a list of whole numbers >= 3"),
         ({"timing_z": math.nan}, "timing_z must be a number"),
+        ({"timing_sustained_z": 0}, "timing_sustained_z must be positive"),
+        ({"timing_sustained_cycles": 0}, "timing_sustained_cycles must be at least 1"),
     ],
 )
 def test_config_from_spec_params_rejects_bad_values(params: dict, needle: str) -> None:
@@ -289,6 +291,23 @@ def test_cli_rejects_bad_anomaly_params_with_exit_2_and_writes_no_job(tmp_path, 
     if db.exists():
         with sqlite3.connect(db) as conn:
             assert conn.execute("select count(*) from jobs").fetchone() == (0,)
+
+
+def _noisy_durations(seed: int, factors: dict[int, float]) -> dict[int, object]:
+    """Cycle times with 30% noise (a busy shared machine), times ``factors`` per cycle."""
+    rng = random.Random(seed)
+    return {c: 2.0 * math.exp(rng.gauss(0, 0.3)) * factors.get(c, 1.0) for c in range(1, 81)}
+
+
+def test_a_lasting_milder_slowdown_in_noisy_timing_is_found() -> None:
+    """An idle executor at x2.2 for 8 cycles in a job whose cycle times jitter by 30%: no cycle
+    is 3.5 deviations out, but 4 in a row are 2 out; spikes every other cycle never line up."""
+    slowed = normal_series(duration=_noisy_durations(3, span(40, 47, 2.2)))
+    assert [(f.kind, f.cycle) for f in run(slowed)] == [("throughput_collapse", 43)]
+    assert run(slowed, config=DetectorConfig(timing_sustained_cycles=100)) == []  # the new rule found it
+    spikes = normal_series(duration=_noisy_durations(3, dict.fromkeys((40, 42, 44, 46), 2.5)))
+    assert run(spikes) == []
+    assert run(normal_series(duration=_noisy_durations(3, {}))) == []
 
 
 def test_absolute_cycle_time_bound() -> None:

@@ -59,12 +59,15 @@ while the other's episode is open, nor a regression within ``stall_quiet_cycles`
     last ``timing_cycles + 1`` cycles, its duration is more than ``timing_z`` robust deviations
     and ``timing_min_ratio`` times above the job's learned normal (median of its last
     ``timing_window`` normal cycles, in log) -- or its evaluation cost per candidate is, with a
-    slower cycle -- *and* costlier evaluations explain at least half of the slow-down.
+    slower cycle -- *and* costlier evaluations explain at least half of the slow-down. A milder
+    excess (``timing_sustained_z`` deviations, still ``timing_min_ratio`` times) counts too when it
+    holds in ``timing_sustained_cycles`` cycles in a row: a noisy job hides a lasting x2-3 inside
+    its spread, but single GC-like spikes do not line up.
 ``throughput_collapse``
     Computed evaluations per second fell the same way (``collapse_cycles`` of the last
     ``collapse_cycles + 1``) while each evaluation costs what it used to: the executor sat idle
-    (lost workers, a stalled scheduler, store or cache). Slow evaluations are ``slow_cycle``; an
-    idle executor is this.
+    (lost workers, a stalled scheduler, store or cache); or by the milder excess, lasting. Slow
+    evaluations are ``slow_cycle``; an idle executor is this.
 
 The statistical detectors learn each job as it runs: timing is not judged before
 ``timing_warmup`` normal cycles, nor on the first cycle of a run (imports, worker start), nor on
@@ -198,6 +201,11 @@ class DetectorConfig:
     """Slow cycles needed among the last ``timing_cycles + 1`` (one busy neighbour is noise)."""
     collapse_cycles: int = 3
     """Idle-executor cycles needed among the last ``collapse_cycles + 1`` (GC pauses come in pairs)."""
+    timing_sustained_z: float = 2.0
+    """...or a milder excess, this many robust deviations (and ``timing_min_ratio``), in each of..."""
+    timing_sustained_cycles: int = 4
+    """...this many cycles in a row: a lasting slow-down hidden in a noisy job's timing (spikes in
+    its learned window widen the deviation) shows as a run that GC-like single spikes never make."""
 
     clear_cycles: int = 2
     """Clear cycles after which an episode ends and the same kind may be reported again."""
@@ -254,6 +262,7 @@ class DetectorConfig:
             "timing_warmup": self.timing_warmup,
             "timing_cycles": self.timing_cycles,
             "collapse_cycles": self.collapse_cycles,
+            "timing_sustained_cycles": self.timing_sustained_cycles,
             "clear_cycles": self.clear_cycles,
         }
         for name, value in positive.items():
@@ -294,6 +303,8 @@ class DetectorConfig:
             raise ValueError(
                 "regression_factor, regression_min_excess, timing_z and timing_min_ratio must be positive"
             )
+        if self.timing_sustained_z <= 0:
+            raise ValueError(f"timing_sustained_z must be positive, got {self.timing_sustained_z}")
         if self.stall_rank_z <= 0:
             raise ValueError(f"stall_rank_z must be positive, got {self.stall_rank_z}")
         if self.timing_min_seconds < 0:
@@ -367,6 +378,9 @@ class AnomalyDetector:
         self._timing_verdicts: dict[str, deque[bool]] = {
             "slow_cycle": deque(),
             "throughput_collapse": deque(),
+        }
+        self._timing_sustained: dict[str, deque[bool]] = {
+            kind: deque(maxlen=c.timing_sustained_cycles) for kind in ("slow_cycle", "throughput_collapse")
         }
 
     # -- public -----------------------------------------------------------------------------------
@@ -821,25 +835,35 @@ class AnomalyDetector:
         log_cost = (
             math.log(record.eval_seconds / computed) if computed > 0 and record.eval_seconds > 0 else None
         )
-        slow = collapse = None
+        slow = collapse = mild_slow = mild_collapse = None
         t = self._timing
         if self._skip_timing:
             self._skip_timing -= 1
         elif len(t.duration) >= c.timing_warmup and record.duration >= c.timing_min_seconds:
-            slow, collapse = self._judge_timing(log_d, log_tp, log_cost)
+            slow, collapse = self._judge_timing(log_d, log_tp, log_cost, c.timing_z)
+            mild_slow, mild_collapse = slow, collapse
+            if slow is None or collapse is None:
+                mild_slow, mild_collapse = self._judge_timing(log_d, log_tp, log_cost, c.timing_sustained_z)
+                mild_slow, mild_collapse = slow or mild_slow, collapse or mild_collapse
             if slow is None and collapse is None:
                 self._learn_timing(log_d, log_tp, log_cost)
         else:
             self._learn_timing(log_d, log_tp, log_cost)
-        for kind, evidence, needed in (
-            ("slow_cycle", slow, c.timing_cycles),
-            ("throughput_collapse", collapse, c.collapse_cycles),
+        for kind, evidence, mild, needed in (
+            ("slow_cycle", slow, mild_slow, c.timing_cycles),
+            ("throughput_collapse", collapse, mild_collapse, c.collapse_cycles),
         ):
             # m of the last m + 1 cycles: a slowed job still has the odd normal-looking cycle.
             recent = self._timing_verdicts[kind]
             recent.append(evidence is not None)
             while len(recent) > needed + 1:
                 recent.popleft()
+            # ...or a milder excess in timing_sustained_cycles cycles in a row: a job whose timing
+            # is noisy (or had spikes in its learned window) hides a lasting x2-3 within 3.5
+            # deviations, but not cycle after cycle; a milder one also keeps an episode open.
+            sustained = self._timing_sustained[kind]
+            sustained.append(mild is not None)
+            lasting = len(sustained) == sustained.maxlen and all(sustained)
             episode = self._episodes[kind]
             episode.run = sum(recent)
             if evidence and episode.run >= needed:
@@ -847,7 +871,12 @@ class AnomalyDetector:
                     "message": _timing_message(kind, record.cycle, episode.run, evidence),
                     **evidence,
                 }
-            elif evidence and episode.open:
+            elif mild and lasting:
+                out[kind] = {
+                    "message": _timing_message(kind, record.cycle, len(sustained), mild),
+                    **mild,
+                }
+            elif mild and episode.open:
                 out[kind] = {"message": ""}  # still going on: keep the episode open
         if absolute and out["slow_cycle"] is None:
             out["slow_cycle"] = {
@@ -869,9 +898,10 @@ class AnomalyDetector:
             t.cost.append(log_cost)
 
     def _judge_timing(
-        self, log_d: float, log_tp: float | None, log_cost: float | None
+        self, log_d: float, log_tp: float | None, log_cost: float | None, z_bound: float
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """(slow_cycle evidence, throughput_collapse evidence) for this cycle, either or both None."""
+        """(slow_cycle evidence, throughput_collapse evidence) for this cycle at ``z_bound`` robust
+        deviations, either or both None."""
         c = self.config
         t = self._timing
         min_excess = math.log(c.timing_min_ratio)
@@ -885,15 +915,13 @@ class AnomalyDetector:
         if log_tp is not None and len(t.throughput) >= c.timing_warmup:
             normal_tp, z_tp = _robust_z(log_tp, t.throughput, c.timing_sigma_floor)
             tp_drop, z_tp = normal_tp - log_tp, -z_tp
-        slow_stat = z_d > c.timing_z and slowed > min_excess
-        collapse_stat = (
-            tp_drop is not None and z_tp is not None and z_tp > c.timing_z and tp_drop > min_excess
-        )
+        slow_stat = z_d > z_bound and slowed > min_excess
+        collapse_stat = tp_drop is not None and z_tp is not None and z_tp > z_bound and tp_drop > min_excess
         # Evaluation seconds per candidate are far steadier than wall time: a marked rise there
         # with a slower cycle is a slow cycle even when wall-time noise hides it.
         if cost_up is not None and not slow_stat:
             _, z_cost = _robust_z(cost_up + statistics.median(t.cost), t.cost, c.timing_sigma_floor)
-            slow_stat = z_cost > c.timing_z and cost_up > min_excess and slowed > 0.5 * cost_up
+            slow_stat = z_cost > z_bound and cost_up > min_excess and slowed > 0.5 * cost_up
         # Who is to blame: evaluations that cost more (slow), or an executor that sat idle (collapse).
         costlier = cost_up is None or cost_up >= 0.5 * max(slowed, tp_drop or 0.0)
         slow = collapse = None
