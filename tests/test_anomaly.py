@@ -222,6 +222,37 @@ def test_a_regression_is_not_also_called_a_stall() -> None:
     assert [(f.kind, f.cycle) for f in run(records, target=-100.0)] == [("regression", 42)]
 
 
+def test_a_regression_leaves_no_stall_behind_in_the_batch_bests_ranks() -> None:
+    """The batch bests of a regression (3x worse for 8 cycles) lose the trend of their ranks; a
+    window that holds them after the regression episode closed is not a stall (it was one, at
+    cycle 50, on these series)."""
+    worse = {c: 3 * 100 * math.exp(-0.08 * 39) for c in range(40, 48)}
+    for seed in (0, 1, 4, 6):
+        findings = run(normal_series(seed=seed, batch_best_score=worse), target=-20.0)
+        assert [(f.kind, f.cycle) for f in findings] == [("regression", 42)], (seed, findings)
+
+
+def _hovering(seed: int, floor_share: float) -> dict[int, object]:
+    """Batch bests of a job that levels off at ``floor_share`` of its first gap, noise 30%."""
+    rng = random.Random(seed + 100)
+    return {c: 100 * (math.exp(-0.08 * c) + floor_share) * math.exp(rng.gauss(0, 0.3)) for c in range(1, 121)}
+
+
+def test_without_a_target_a_stall_far_from_the_floor_is_told_by_the_batch_bests_spread() -> None:
+    """No target: batch bests that stop converging and wander with their noise keep most of their
+    first spread, so the job is far from its floor where the pace of its best alone often cannot
+    tell; jobs hovering at a floor 0.1-1% of their first gap keep a fraction of it: not stalled."""
+    stalls = [normal_series(seed=s, batch_best_score=_wandering_after(20, s)) for s in range(10)]
+    found = [run(records) for records in stalls]
+    assert sum(1 for f in found if [x.kind for x in f] == ["stall"]) >= 8, found
+    assert any("spread" in f[0].evidence["reason"] for f in found if f)
+    by_pace_alone = [run(records, config=DetectorConfig(stall_spread_far=1.0)) for records in stalls]
+    assert sum(1 for f in by_pace_alone if f) <= 5, by_pace_alone
+    for seed in range(10):
+        for floor_share in (0.001, 0.01):
+            assert run(normal_series(120, seed=seed, batch_best_score=_hovering(seed, floor_share))) == []
+
+
 def test_config_from_spec_params() -> None:
     config = DetectorConfig.from_params(
         {"max_cycle_seconds": 5, "stall_cycles": 7, "failure_prior": [1, 10], "stall_slowdown_windows": [10]}
@@ -249,6 +280,8 @@ def test_config_from_spec_params() -> None:
         ({"timing_z": math.nan}, "timing_z must be a number"),
         ({"timing_sustained_z": 0}, "timing_sustained_z must be positive"),
         ({"timing_sustained_cycles": 0}, "timing_sustained_cycles must be at least 1"),
+        ({"stall_spread_far": 1.5}, "stall_spread_far must be between 0 and 1"),
+        ({"stall_spread_window": 1}, "stall_spread_window must be at least 2"),
     ],
 )
 def test_config_from_spec_params_rejects_bad_values(params: dict, needle: str) -> None:

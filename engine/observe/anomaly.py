@@ -34,11 +34,15 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     slowdown is a stall only if the shortfall is at least ``stall_rank_confirm_z`` (a job that
     waits for a lucky record to be matched is still closing in, batch by batch). Far from the
     goal: with a target, more than ``stall_far_share`` of the way
-    from the first best to it is left; without one, the job's gains, extrapolated geometrically
-    from the last two thirds of its life, leave more than that share to its floor -- a job that
-    flattens out as it converges has not stalled (nor has one whose batch bests hover at a noisy
-    floor: hovering alone never makes a job without a target "far"). The episode ends after
-    ``stall_resume`` improvements.
+    from the first best to it is left; without one, either the job's gains, extrapolated
+    geometrically from the last two thirds of its life, leave more than that share to its floor
+    -- a job that flattens out as it converges has not stalled -- or its batch bests still
+    spread more than ``stall_spread_far`` as wide as at its start (the median step between the
+    last ``stall_spread_window`` of them against that of its first half as many): a search's
+    batch noise scales with its gap to the floor, so a job hovering at its floor has a small
+    fraction of its first spread, a stalled one far from it most of it. A rank shortfall while
+    a window holds batches of a regression episode is not counted (they lost the trend for
+    that). The episode ends after ``stall_resume`` improvements.
 ``regression``
     The best score so far can never get worse (it is a running best), so a "regression of the
     best" means the *batch best*: the best of each new cycle is markedly worse than the recent
@@ -168,6 +172,12 @@ class DetectorConfig:
     stall_far_share: float = 0.05
     """Still "far" while more than this share of the way remains: to the target, or without one
     to the floor the job's pace before the stall points at."""
+    stall_spread_far: float = 0.3
+    """Without a target, also "far" while the batch bests' recent spread is more than this share of
+    their first (noise scales with the gap to the floor: see the module doc)."""
+    stall_spread_window: int = 8
+    """Recent batch-to-batch steps whose median is the recent spread; the first half as many make
+    the first spread."""
 
     regression_window: int = 30
     """Recent normal cycles whose excess (see the module doc) makes up the usual one."""
@@ -272,6 +282,7 @@ class DetectorConfig:
             ("failure_share_bound", self.failure_share_bound),
             ("stall_far_share", self.stall_far_share),
             ("stall_collapse_ratio", self.stall_collapse_ratio),
+            ("stall_spread_far", self.stall_spread_far),
         ):
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {share}")
@@ -281,6 +292,8 @@ class DetectorConfig:
             )
         if not self.stall_rank_windows or min(self.stall_rank_windows) < 3:
             raise ValueError(f"stall_rank_windows must be whole numbers >= 3, got {self.stall_rank_windows}")
+        if self.stall_spread_window < 2:
+            raise ValueError(f"stall_spread_window must be at least 2, got {self.stall_spread_window}")
         if self.stall_quiet_cycles < 0:
             raise ValueError(f"stall_quiet_cycles must not be negative, got {self.stall_quiet_cycles}")
         for name, alpha in (
@@ -350,6 +363,7 @@ class AnomalyDetector:
         self._episodes = {kind: _Episode() for kind in ANOMALY_KINDS}
         self._last_cycle = 0
         self._stall_ended: int | None = None  # the last cycle a stall episode was open
+        self._regression_ended: int | None = None  # the last cycle a regression episode was open
         # failures
         self._fail_clean = [c.failure_prior[0], c.failure_prior[1]]  # failures, evaluations
         self._fail_recent: deque[tuple[int, int]] = deque(maxlen=c.failure_window)
@@ -363,12 +377,16 @@ class AnomalyDetector:
         self._batch: deque[float] = deque(maxlen=max(12, c.regression_level))  # the last normal batch bests
         self._excess: deque[float] = deque(maxlen=c.regression_window)  # their excess (see _regression)
         self._best_before: float | None = None
+        # spread of the batch bests (see _spread_share): their first and their recent steps
+        self._first_steps: list[float] = []
+        self._recent_steps: deque[float] = deque(maxlen=c.stall_spread_window)
         # rank trend of the batch bests (see _rank_shortfall): per position, cumulative counts per lag
         self._rank_lags = max(c.stall_rank_windows) - 1
         self._rank_cumulative: deque[list[float]] = deque(
             maxlen=c.stall_window + max(c.stall_rank_windows) + 1
         )
         self._rank_recent: deque[float] = deque(maxlen=self._rank_lags)
+        self._rank_cycles: deque[int] = deque(maxlen=self._rank_cumulative.maxlen)  # their cycles
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         # timing
         self._timing = _Timing(
@@ -462,6 +480,8 @@ class AnomalyDetector:
         stall, regression = self._episodes["stall"], self._episodes["regression"]
         if stall.open:
             self._stall_ended = cycle
+        if regression.open:
+            self._regression_ended = cycle
         if not stall.open and found["stall"] is not None and (regression.open or found["regression"]):
             found["stall"] = None
         quiet = self._stall_ended is not None and cycle - self._stall_ended <= self.config.stall_quiet_cycles
@@ -524,8 +544,13 @@ class AnomalyDetector:
         batch = self._loss(record.batch_best_score)
         if batch is not None:
             self._stall_batch.append(batch)
+            if self._batches:
+                step = abs(batch - self._batches[-1][1])
+                if len(self._first_steps) < self.config.stall_spread_window // 2:
+                    self._first_steps.append(step)
+                self._recent_steps.append(step)
             self._batches.append((record.cycle, batch))
-            self._learn_ranks(batch)
+            self._learn_ranks(record.cycle, batch)
         if self._first is None:
             self._first = (record.cycle, best)
             self._improvements.append((record.cycle, best))
@@ -627,12 +652,13 @@ class AnomalyDetector:
                 }
         return None
 
-    def _learn_ranks(self, loss: float) -> None:
+    def _learn_ranks(self, cycle: int, loss: float) -> None:
         """Count, per lag k, the batch bests better than the one k batches before (ties: half)."""
         row = self._rank_cumulative[-1].copy() if self._rank_cumulative else [0.0] * (self._rank_lags + 1)
         for k, before in enumerate(reversed(self._rank_recent), start=1):
             row[k] += 1.0 if loss < before else 0.5 if loss == before else 0.0
         self._rank_cumulative.append(row)
+        self._rank_cycles.append(cycle)
         self._rank_recent.append(loss)
 
     def _rank_shortfall(self) -> dict[str, Any] | None:
@@ -652,6 +678,8 @@ class AnomalyDetector:
             history = min(n - w, c.stall_window)
             if history < 2 * c.stall_cycles:
                 continue
+            if self._regression_ended is not None and self._rank_cycles[n - w] <= self._regression_ended:
+                continue  # the window holds a regression's batches: they lost the trend for that
             hi, lo = n - w - 1, n - w - history  # the history: positions lo..hi
             pairs = concordant = lag_sum = 0.0
             for k in range(1, min(self._rank_lags, history - 1) + 1):
@@ -746,6 +774,9 @@ class AnomalyDetector:
         gained = first_best - best
         if gained <= 0:
             return True, "no progress since the first cycle"
+        spread = self._spread_share()
+        if spread is not None and spread > c.stall_spread_far:
+            return True, f"its batch bests still spread {spread:.0%} as wide as at its start"
         # No target: split the job's life up to its last improvement in three spans and, if the
         # gains shrank from the second to the third, extrapolate them geometrically (Aitken) to
         # what was left to gain: a job closing in on its floor has converged, not stalled.
@@ -761,6 +792,15 @@ class AnomalyDetector:
             share > c.stall_far_share,
             f"its pace before suggested {share:.0%} of the way to its floor was left",
         )
+
+    def _spread_share(self) -> float | None:
+        """The median step between the recent batch bests over that between the first ones (None
+        before there are enough, or when the first ones did not move)."""
+        recent = self._recent_steps
+        if len(recent) < self.config.stall_spread_window or len(self._first_steps) < len(recent) // 2:
+            return None
+        first = statistics.median(self._first_steps)
+        return statistics.median(recent) / first if first > 0 else None
 
     def _best_at(self, cycle: int) -> float:
         """The job's best after ``cycle`` (the first best before the first cycle)."""
