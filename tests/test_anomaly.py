@@ -244,10 +244,10 @@ def test_without_a_target_a_stall_far_from_the_floor_is_told_by_the_batch_bests_
     tell; jobs hovering at a floor 0.1-1% of their first gap keep a fraction of it: not stalled."""
     stalls = [normal_series(seed=s, batch_best_score=_wandering_after(20, s)) for s in range(10)]
     found = [run(records) for records in stalls]
-    assert sum(1 for f in found if [x.kind for x in f] == ["stall"]) >= 8, found
+    assert sum(1 for f in found if [x.kind for x in f] == ["stall"]) >= 7, found
     assert any("spread" in f[0].evidence["reason"] for f in found if f)
     by_pace_alone = [run(records, config=DetectorConfig(stall_spread_far=1.0)) for records in stalls]
-    assert sum(1 for f in by_pace_alone if f) <= 5, by_pace_alone
+    assert sum(1 for f in by_pace_alone if f) <= 4, by_pace_alone
     for seed in range(10):
         for floor_share in (0.001, 0.01):
             assert run(normal_series(120, seed=seed, batch_best_score=_hovering(seed, floor_share))) == []

@@ -164,7 +164,7 @@ class DetectorConfig:
     """Recent windows of batch bests whose ranks are tested for lost trend (see the module doc)."""
     stall_rank_z: float = 4.0
     """With a target: the shortfall of a window's rank trend (in deviations) that is a stall."""
-    stall_rank_confirm_z: float = 1.0
+    stall_rank_confirm_z: float = 1.5
     """Without one: the least shortfall (in any window) that confirms a dry spell or slowdown."""
     stall_quiet_cycles: int = 10
     """Cycles after a stall episode during which no regression is reported (a population that
