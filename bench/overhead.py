@@ -85,18 +85,6 @@ class Run:
         return self.eval_seconds / (self.wall * workers)
 
 
-_SERVER_PID: list[int] = []
-"""The Prefect server's process, set by :func:`services`."""
-
-
-def server_cpu_seconds() -> float:
-    """CPU seconds the Prefect server process has used so far (it shares the workers' cores)."""
-    import psutil
-
-    times = psutil.Process(_SERVER_PID[0]).cpu_times()
-    return float(times.user + times.system)
-
-
 def server_excess_ms(baseline: Run, engine: Run) -> float:
     """Server CPU ms a cycle the engine run caused: its server CPU less what the server used
     idle (its rate during the paired baseline run, over the engine run's wall time)."""
@@ -251,7 +239,14 @@ def stage_report(baseline: list[Run], engine: list[Run]) -> dict[str, Any]:
     return out
 
 
-def measure_case(client: Any, case: Case, reps: int, cycles: int, dask_address: str) -> dict[str, Any]:
+def measure_case(
+    client: Any,
+    case: Case,
+    reps: int,
+    cycles: int,
+    dask_address: str,
+    server_cpu_seconds: Callable[[], float],
+) -> dict[str, Any]:
     baseline: list[Run] = []
     engine: list[Run] = []
     for rep in range(reps):
@@ -379,12 +374,15 @@ def measure_first_cycle(reps: int, dask_address: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def services() -> Iterator[tuple[Any, str]]:
+def services() -> Iterator[tuple[Any, str, Callable[[], float]]]:
     """A Prefect server on a private PostgreSQL, fresh IRE_HOME and PREFECT_HOME, and a 2-worker
     Dask cluster.
 
-    Yields ``(client, scheduler_address)``; everything is stopped and removed on exit.
+    Yields ``(client, scheduler_address, server_cpu_seconds)``; everything is stopped and removed
+    on exit.
     """
+    import psutil
+
     from tests.prefect_server import prefect_api_on_postgres
 
     with contextlib.ExitStack() as stack:
@@ -397,7 +395,12 @@ def services() -> Iterator[tuple[Any, str]]:
             os.environ.pop(name, None)
         log("starting PostgreSQL and the Prefect server")
         server = stack.enter_context(prefect_api_on_postgres())
-        _SERVER_PID[:] = [server.process.pid]
+        server_process = psutil.Process(server.process.pid)
+
+        def server_cpu_seconds() -> float:
+            """CPU seconds the Prefect server has used so far (it shares the workers' cores)."""
+            times = server_process.cpu_times()
+            return float(times.user + times.system)
 
         from distributed import Client, LocalCluster
 
@@ -406,7 +409,7 @@ def services() -> Iterator[tuple[Any, str]]:
             LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
         )
         client = stack.enter_context(Client(cluster))
-        yield client, str(cluster.scheduler_address)
+        yield client, str(cluster.scheduler_address), server_cpu_seconds
 
 
 def main() -> None:
@@ -418,14 +421,14 @@ def main() -> None:
 
     reps = 1 if args.quick else 3
     report: dict[str, Any] = {"bench": "overhead"}
-    with services() as (client, address):
+    with services() as (client, address, server_cpu_seconds):
         log(f"Dask scheduler {address}; warming up")
         warm_up(client, address)
         results = {}
         for case in CASES:
             cycles = QUICK_CYCLES[case.name] if args.quick else case.cycles
             log(f"case {case.name}: {cycles} cycles of {case.batch}, cost_ms={case.cost_ms:g}, {reps} reps")
-            results[case.name] = measure_case(client, case, reps, cycles, address)
+            results[case.name] = measure_case(client, case, reps, cycles, address, server_cpu_seconds)
             log(f"case {case.name}: {json.dumps(results[case.name])}")
         first = measure_first_cycle(reps, address)
     report.update(

@@ -18,7 +18,7 @@ is set, and the test and benchmark servers use them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 SERVER_SETTINGS: Mapping[str, str] = {
     # Write task-run events in batches of up to 100, at least once a second.
@@ -27,7 +27,7 @@ SERVER_SETTINGS: Mapping[str, str] = {
 }
 
 
-def apply_server_settings(environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+def apply_server_settings(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """Set :data:`SERVER_SETTINGS` in ``environ`` where the operator has not set them; returns
     the ones it set."""
     applied = {key: value for key, value in SERVER_SETTINGS.items() if key not in environ}

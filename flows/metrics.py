@@ -1,20 +1,21 @@
-"""The metrics observer of a ``refine`` flow run: resources kept per cycle, Prometheus, log context.
+"""The metrics observer of a ``refine`` flow run: resources kept per cycle, and Prometheus.
 
 For the whole run it
 
 - samples CPU and memory (the flow process, and each Dask worker through the scheduler) on a
   background thread and lends the record stage a probe, so every stored cycle carries them;
 - with ``IRE_METRICS_PORT`` set, serves the job's metrics (``engine.observe.metrics``) on
-  ``http://IRE_METRICS_ADDR:PORT/metrics`` until the run ends;
-- binds the job and flow run ids to the run's log lines, prefixes Prefect's run logs with
-  ``[job J cycle C]``, and with ``IRE_LOG_FORMAT=json`` writes console lines as JSON.
+  ``http://IRE_METRICS_ADDR:PORT/metrics`` until the run ends.
+
+:func:`prefix_run_logs` lives here too: the flow calls it when it binds the job and run ids to its
+log lines (``flows.refine``), so that Prefect's run logs start with ``[job J cycle C]``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -22,7 +23,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import start_http_server
 
 from engine.core import CycleRecord
-from engine.observe.logs import RunContextFormatter, bind_log_context, use_json_logs
+from engine.observe.logs import RunContextFormatter
 from engine.observe.metrics import (
     JobMetrics,
     ResourceProbe,
@@ -97,12 +98,10 @@ class MetricsObserver:
         sampler: ResourceSampler,
         metrics: JobMetrics | None,
         server: tuple[WSGIServer, threading.Thread] | None,
-        undo: list[Callable[[], None]],
     ) -> None:
         self._sampler = sampler
         self._metrics = metrics
         self._server = server
-        self._undo = undo
         self._misses_seen = job.progress.cache_misses
 
     def __call__(self, job: Job, record: CycleRecord) -> None:
@@ -118,17 +117,11 @@ class MetricsObserver:
             server.server_close()
             thread.join()
         self._sampler.stop()
-        for undo in reversed(self._undo):
-            undo()
 
 
 def metrics_observer(job: Job, context: ObserverContext) -> MetricsObserver:
     """The observer factory named in ``flows.observers.OBSERVER_FACTORIES``."""
     settings = context.settings
-    undo = [bind_log_context(job_id=job.job_id, flow_run_id=context.flow_run_id)]
-    if settings.log_format == "json":
-        undo.append(use_json_logs())
-    prefix_run_logs()
     client = getattr(context.executor, "client", None)
     sampler = ResourceSampler(dask_worker_reader(client) if client is not None else None, SAMPLE_SECONDS)
     job.resource_usage = ResourceProbe(sampler)
@@ -149,4 +142,4 @@ def metrics_observer(job: Job, context: ObserverContext) -> MetricsObserver:
         else:
             context.logger.info("metrics of job %s on http://%s/metrics", job.job_id, address)
     sampler.start()
-    return MetricsObserver(job, sampler, metrics, server, undo)
+    return MetricsObserver(job, sampler, metrics, server)

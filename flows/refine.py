@@ -277,7 +277,7 @@ def open_executor(kind: Literal["dask", "local"], dask_address: str | None) -> E
 def _bind_run_logs(job_id: str | None, run_id: str | None, *, json_lines: bool) -> Callable[[], None]:
     """Bind the job and the run to this run's log lines, prefix its API run logs with them and,
     if asked, write its console lines as JSON (a worker's ``prefect flow-run execute`` has done none
-    of it); returns the undo. The job's observers bind the same again: harmless."""
+    of it); returns the undo."""
     from flows.metrics import prefix_run_logs
 
     undo = [bind_log_context(job_id=job_id, flow_run_id=run_id)]

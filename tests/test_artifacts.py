@@ -22,19 +22,9 @@ from engine.core import JobSpec
 from engine.core.cycle import Progress
 from engine.settings import load_settings
 from engine.store import JobStatus, JobStore
+from tests.test_cli import irefine
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def irefine(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "irefine", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def read_artifacts(flow_run_id: Any) -> list[Any]:

@@ -369,6 +369,17 @@ def _queue(name: str) -> Any:
     return _client_call(lambda client: client.read_work_queue_by_name(name, work_pool_name="irefine-local"))
 
 
+@contextlib.contextmanager
+def _paused_queue(name: str) -> Iterator[None]:
+    """The queue paused for the block (no worker takes its runs), then resumed."""
+    queue = _queue(name)
+    _client_call(lambda client: client.update_work_queue(queue.id, is_paused=True))
+    try:
+        yield
+    finally:
+        _client_call(lambda client: client.update_work_queue(queue.id, is_paused=False))
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -476,30 +487,28 @@ def test_crash_resumes_are_capped(refine_deployment: None, receiver: WebhookRece
 
     policy = AutomationPolicy(max_crash_resumes=1, crash_settle=timedelta(seconds=10))
     _setup(notify_webhook_url=receiver.url, automation_policy=policy)
-    critical = _queue("critical")
-    _client_call(lambda client: client.update_work_queue(critical.id, is_paused=True))
     try:
-        spec = {"problem": SLOW, "max_evaluations": 4}
-        (run,) = _create_runs({"spec": spec, "executor": "local"}, "critical")
+        with _paused_queue("critical"):
+            spec = {"problem": SLOW, "max_evaluations": 4}
+            (run,) = _create_runs({"spec": spec, "executor": "local"}, "critical")
 
-        def crash() -> None:
-            async def go(client: Any) -> None:
-                await client.set_flow_run_state(run.id, Running(), force=True)
-                await client.set_flow_run_state(run.id, Crashed(message="killed by the test"), force=True)
+            def crash() -> None:
+                async def go(client: Any) -> None:
+                    await client.set_flow_run_state(run.id, Running(), force=True)
+                    await client.set_flow_run_state(run.id, Crashed(message="killed by the test"), force=True)
 
-            _client_call(go)
+                _client_call(go)
 
-        crash()
-        rescheduled = _wait_run(run.id, lambda r: r.state_name == "AwaitingRetry", 90, "rescheduled")
-        assert rescheduled.run_count == 1
-        crash()
-        assert _read_run(run.id).run_count == 2
-        time.sleep(policy.crash_settle.total_seconds() + 12)  # past the settle and the next evaluation
-        final = _read_run(run.id)
-        assert final.state_name == "Crashed", _states(run.id)
-        assert _states(run.id).count("AwaitingRetry") == 1
+            crash()
+            rescheduled = _wait_run(run.id, lambda r: r.state_name == "AwaitingRetry", 90, "rescheduled")
+            assert rescheduled.run_count == 1
+            crash()
+            assert _read_run(run.id).run_count == 2
+            time.sleep(policy.crash_settle.total_seconds() + 12)  # past the settle and the next evaluation
+            final = _read_run(run.id)
+            assert final.state_name == "Crashed", _states(run.id)
+            assert _states(run.id).count("AwaitingRetry") == 1
     finally:
-        _client_call(lambda client: client.update_work_queue(critical.id, is_paused=False))
         _setup(notify_webhook_url=receiver.url)
 
 
@@ -517,17 +526,17 @@ def test_a_run_that_stops_heartbeating_is_marked_crashed_and_resumed(
 
     policy = AutomationPolicy(heartbeat_timeout=timedelta(seconds=10), crash_settle=timedelta(seconds=10))
     _setup(notify_webhook_url=receiver.url, automation_policy=policy)
-    critical = _queue("critical")
-    _client_call(lambda client: client.update_work_queue(critical.id, is_paused=True))
     try:
-        spec = {"problem": SLOW, "max_evaluations": 4}
-        (run,) = _create_runs({"spec": spec, "executor": "local"}, "critical")
-        _client_call(lambda client: client.set_flow_run_state(run.id, Running(), force=True))
-        _wait_run(run.id, lambda r: r.state_name == "AwaitingRetry", 120, "marked crashed, then rescheduled")
-        states = _states(run.id)
-        assert states.index("Crashed") < states.index("AwaitingRetry"), states
+        with _paused_queue("critical"):
+            spec = {"problem": SLOW, "max_evaluations": 4}
+            (run,) = _create_runs({"spec": spec, "executor": "local"}, "critical")
+            _client_call(lambda client: client.set_flow_run_state(run.id, Running(), force=True))
+            _wait_run(
+                run.id, lambda r: r.state_name == "AwaitingRetry", 120, "marked crashed, then rescheduled"
+            )
+            states = _states(run.id)
+            assert states.index("Crashed") < states.index("AwaitingRetry"), states
     finally:
-        _client_call(lambda client: client.update_work_queue(critical.id, is_paused=False))
         _setup(notify_webhook_url=receiver.url)
 
 

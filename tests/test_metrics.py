@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from engine.observe.logs import JsonLogFormatter, RunContextFormatter, bind_log_
 from engine.observe.metrics import METRICS, JobMetrics, job_registry
 from engine.settings import load_settings
 from engine.store import JobStatus, JobStore
+from tests.test_cli import irefine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,17 +47,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def irefine(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "irefine", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # -- pure parts ------------------------------------------------------------------------------------
