@@ -30,19 +30,26 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     floor and scale, and a stalled one with probability one half; ``theta`` is learned from the
     ``stall_window`` batches before a recent window (one of ``stall_rank_windows``), and the
     window's Mann-Kendall sum must fall ``stall_rank_z`` deviations (of the sum under no trend)
-    short of what it predicts. Without a target the ranks only confirm: a dry spell or a
+    short of what it predicts. Without a target the ranks also confirm: a dry spell or a
     slowdown is a stall only if the shortfall is at least ``stall_rank_confirm_z`` (a job that
     waits for a lucky record to be matched is still closing in, batch by batch). Far from the
-    goal: with a target, more than ``stall_far_share`` of the way
-    from the first best to it is left; without one, either the job's gains, extrapolated
-    geometrically from the last two thirds of its life, leave more than that share to its floor
-    -- a job that flattens out as it converges has not stalled -- or its batch bests still
-    spread more than ``stall_spread_far`` as wide as at its start (the median step between the
-    last ``stall_spread_window`` of them against that of its first half as many): a search's
-    batch noise scales with its gap to the floor, so a job hovering at its floor has a small
-    fraction of its first spread, a stalled one far from it most of it. A rank shortfall while
-    a window holds batches of a regression episode is not counted (they lost the trend for
-    that). The episode ends after ``stall_resume`` improvements.
+    goal: with a target, more than ``stall_far_share`` of the way from the first best to it is
+    left; without one, more than that share of the way to the job's floor, fitted to its batch
+    bests before the window that lost the pace (the last improvement for a dry spell): a
+    converging search's losses close in on their floor geometrically with a log-normal noise,
+    so ``log(batch best - floor)`` is a line in the cycle, and the floor under which it is most
+    likely one is profiled (``_fit_floor``) -- a job that levels off at its floor has reached
+    it, a stalled one froze far above it. With fewer than ``3 * stall_cycles`` batch bests to
+    fit: either the job's gains, extrapolated geometrically from the last two thirds of its
+    life, leave more than that share to its floor, or its batch bests still spread more than
+    ``stall_spread_far`` as wide as at its start (the median step between the last
+    ``stall_spread_window`` of them against that of its first half as many: a search's batch
+    noise scales with its gap to the floor). A rank shortfall while a window holds batches of a
+    regression episode is not counted (they lost the trend for that), and no stall is called
+    while the batch bests since the last improvement sit more than ``stall_lost_ground`` noise
+    deviations above the level before it (a stalled population keeps its level; one that lost
+    ground regressed, whether or not that was recognised). The episode ends after
+    ``stall_resume`` improvements.
 ``regression``
     The best score so far can never get worse (it is a running best), so a "regression of the
     best" means the *batch best*: the best of each new cycle is markedly worse than the recent
@@ -163,18 +170,24 @@ class DetectorConfig:
     stall_rank_windows: tuple[int, ...] = (8, 12, 16, 24)
     """Recent windows of batch bests whose ranks are tested for lost trend (see the module doc)."""
     stall_rank_z: float = 4.0
-    """With a target: the shortfall of a window's rank trend (in deviations) that is a stall."""
+    """The shortfall of a window's rank trend (in deviations) that is a stall on its own."""
     stall_rank_confirm_z: float = 1.5
     """Without one: the least shortfall (in any window) that confirms a dry spell or slowdown."""
+    stall_lost_ground: float = 1.5
+    """No stall is called while the batch bests since the last improvement sit more than this many
+    robust deviations of the batch-to-batch noise above the level before (see ``_lost_ground``):
+    a stalled population keeps the level it froze at, one that lost ground regressed."""
+    stall_level: int = 7
+    """Batch bests up to the last improvement whose median is that level."""
     stall_quiet_cycles: int = 10
     """Cycles after a stall episode during which no regression is reported (a population that
     moves again spreads wider than while it was stuck)."""
     stall_far_share: float = 0.05
     """Still "far" while more than this share of the way remains: to the target, or without one
-    to the floor the job's pace before the stall points at."""
+    to the floor fitted to the job's batch bests before the stall (see the module doc)."""
     stall_spread_far: float = 0.3
-    """Without a target, also "far" while the batch bests' recent spread is more than this share of
-    their first (noise scales with the gap to the floor: see the module doc)."""
+    """Without a target and too few batch bests to fit a floor, also "far" while their recent
+    spread is more than this share of their first (noise scales with the gap to the floor)."""
     stall_spread_window: int = 8
     """Recent batch-to-batch steps whose median is the recent spread; the first half as many make
     the first spread."""
@@ -264,6 +277,7 @@ class DetectorConfig:
             "stall_window": self.stall_window,
             "stall_resume": self.stall_resume,
             "stall_max_cycles": self.stall_max_cycles,
+            "stall_level": self.stall_level,
             "regression_level": self.regression_level,
             "regression_window": self.regression_window,
             "regression_cycles": self.regression_cycles,
@@ -318,6 +332,8 @@ class DetectorConfig:
             )
         if self.timing_sustained_z <= 0:
             raise ValueError(f"timing_sustained_z must be positive, got {self.timing_sustained_z}")
+        if self.stall_lost_ground <= 0:
+            raise ValueError(f"stall_lost_ground must be positive, got {self.stall_lost_ground}")
         if self.stall_rank_z <= 0:
             raise ValueError(f"stall_rank_z must be positive, got {self.stall_rank_z}")
         if self.timing_min_seconds < 0:
@@ -387,6 +403,8 @@ class AnomalyDetector:
         )
         self._rank_recent: deque[float] = deque(maxlen=self._rank_lags)
         self._rank_cycles: deque[int] = deque(maxlen=self._rank_cumulative.maxlen)  # their cycles
+        self._floor_fit: tuple[int, float | None] | None = None  # (up to cycle, floor): _floor_share
+        self._history: deque[tuple[int, float]] = deque(maxlen=200)  # batch bests the floor is fitted to
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         # timing
         self._timing = _Timing(
@@ -550,6 +568,7 @@ class AnomalyDetector:
                     self._first_steps.append(step)
                 self._recent_steps.append(step)
             self._batches.append((record.cycle, batch))
+            self._history.append((record.cycle, batch))
             self._learn_ranks(record.cycle, batch)
         if self._first is None:
             self._first = (record.cycle, best)
@@ -570,11 +589,28 @@ class AnomalyDetector:
             shortfall = self._rank_shortfall()
             if shortfall is None or shortfall["z"] < c.stall_rank_confirm_z:
                 evidence = None  # the batch bests still close in: an unlucky wait, not a stall
-        elif evidence is None and self.target is not None:
+        elif evidence is None:
             evidence = self._rank_evidence(record, best)
+        if evidence is not None and not self._episodes["stall"].open and self._lost_ground():
+            evidence = None  # the batch bests got markedly worse: a regression's symptom, not a stall
         if evidence is None and self._episodes["stall"].open and self._resumed < c.stall_resume:
             return {"message": ""}
         return evidence
+
+    def _lost_ground(self) -> bool:
+        """Whether the batch bests since the last improvement sit markedly above (worse than) the
+        level around it: their median more than ``stall_lost_ground`` robust deviations of the
+        batch-to-batch noise above the median of the last ``stall_level`` batch bests up to it.
+        A stalled population keeps the level it froze at; one that lost ground regressed."""
+        c = self.config
+        last = self._improvements[-1][0]
+        before = [b for cycle, b in self._batches if cycle <= last][-c.stall_level :]
+        after = [b for cycle, b in self._batches if cycle > last]
+        steps = [abs(b - a) for (_, a), (cycle, b) in itertools.pairwise(self._batches) if cycle <= last]
+        if len(before) < 3 or len(after) < 3 or len(steps) < c.stall_cycles:
+            return False
+        noise = _MAD_TO_SIGMA * statistics.median(steps[-c.stall_window :]) / math.sqrt(2)
+        return statistics.median(after) - statistics.median(before) > c.stall_lost_ground * noise
 
     def _stall_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
         c = self.config
@@ -632,7 +668,7 @@ class AnomalyDetector:
             tail = _beta_binomial_cdf(recent, w, before + 0.5, trials - before + 0.5)
             flat = tail < c.stall_slowdown_flat_alpha and self._hovering(best, now - w)
             if tail < c.stall_slowdown_alpha or flat:
-                far, why = self._far_from_goal(best, self._improvements[-1][0])
+                far, why = self._far_from_goal(best, self._improvements[-1][0], start - 1)
                 if not far:
                     return None
                 return {
@@ -702,11 +738,12 @@ class AnomalyDetector:
 
     def _rank_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
         """A stall seen in the batch bests' ranks: a window's trend ``stall_rank_z`` deviations short."""
-        far, why = self._far_from_goal(best, self._improvements[-1][0])
-        if not far:
-            return None
         shortfall = self._rank_shortfall()
         if shortfall is None or shortfall["z"] <= self.config.stall_rank_z:
+            return None
+        start = self._rank_cycles[len(self._rank_cycles) - shortfall["window"]]
+        far, why = self._far_from_goal(best, self._improvements[-1][0], start - 1)
+        if not far:
             return None
         return {
             "message": (
@@ -760,7 +797,12 @@ class AnomalyDetector:
         relative = spread / max(statistics.median(self._spreads), 1e-12)
         return relative if relative < c.stall_collapse_ratio else None
 
-    def _far_from_goal(self, best: float, last_improvement: int) -> tuple[bool, str]:
+    def _far_from_goal(
+        self, best: float, last_improvement: int, until: int | None = None
+    ) -> tuple[bool, str]:
+        """Whether the job is still far from its goal (see the module doc); without a target, the
+        floor is fitted to its batch bests up to cycle ``until`` (the last improvement unless
+        given: the cycle before the window that lost the pace) and a reason why."""
         c = self.config
         assert self._first is not None
         first_best = self._first[1]
@@ -774,6 +816,14 @@ class AnomalyDetector:
         gained = first_best - best
         if gained <= 0:
             return True, "no progress since the first cycle"
+        # The floor the batch bests up to the last improvement converged to (see _fit_floor).
+        fitted = self._floor_share(best, last_improvement if until is None else until)
+        if fitted is not None:
+            return (
+                fitted > c.stall_far_share,
+                f"the convergence fitted to its batch bests leaves {fitted:.0%} of the way to its floor",
+            )
+        # Too few batch bests to fit: the spread of the batch bests, or the pace of the best.
         spread = self._spread_share()
         if spread is not None and spread > c.stall_spread_far:
             return True, f"its batch bests still spread {spread:.0%} as wide as at its start"
@@ -792,6 +842,22 @@ class AnomalyDetector:
             share > c.stall_far_share,
             f"its pace before suggested {share:.0%} of the way to its floor was left",
         )
+
+    def _floor_share(self, best: float, until: int) -> float | None:
+        """The share of the way from the first best to the job's floor left at ``best``, the floor
+        fitted (:func:`_fit_floor`) to the batch bests up to cycle ``until`` -- a stall's own
+        batches would pull it up to where the job froze -- or None with fewer than
+        ``3 * stall_cycles`` of them (the first few batches of a noisy job can look levelled
+        off). Fitted once per last improvement."""
+        assert self._first is not None
+        if self._floor_fit is None or self._floor_fit[0] != until:
+            points = [(cycle, b) for cycle, b in self._history if cycle <= until]
+            enough = len(points) >= 3 * self.config.stall_cycles
+            self._floor_fit = (until, _fit_floor(points) if enough else None)
+        floor = self._floor_fit[1]
+        if floor is None or self._first[1] <= floor:
+            return None
+        return (best - floor) / (self._first[1] - floor)
 
     def _spread_share(self) -> float | None:
         """The median step between the recent batch bests over that between the first ones (None
@@ -998,6 +1064,63 @@ def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> st
         f"{e['usual_evaluations_per_second']:.3g} for {cycles} cycles while each evaluation costs as "
         "usual: the executor sat idle (lost workers, a stalled scheduler, store or cache?)"
     )
+
+
+def _line(ts: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope of ``ys`` on ``ts``."""
+    n = len(ts)
+    tm, ym = sum(ts) / n, sum(ys) / n
+    sxx = sum((t - tm) ** 2 for t in ts)
+    slope = sum((t - tm) * (y - ym) for t, y in zip(ts, ys, strict=True)) / sxx if sxx > 0 else 0.0
+    return ym - slope * tm, slope
+
+
+def _fit_floor(points: list[tuple[int, float]], trim: float = 3.0) -> float | None:
+    """The floor ``f`` under which ``log(loss - f)`` is most likely a line in the cycle.
+
+    A converging search's losses close in on its floor geometrically, ``f + A exp(-r t)``, with a
+    log-normal batch noise: ``log(loss - f)`` is a line plus Gaussian noise. The floor is profiled
+    -- the line and the noise fitted for each candidate, the likelihood counting the Jacobian
+    ``-sum log(loss - f)`` -- over distances below the lowest loss of 0.03 to 30,000 median
+    batch-to-batch steps, half a decade apart, then an eighth around the best. Losses more than
+    ``trim`` robust deviations above the line (the odd bad batch) are left out. None when the
+    losses did not move.
+    """
+    ts = [float(t) for t, _ in points]
+    losses = [b for _, b in points]
+    low = min(losses)
+    unit = statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) or max(losses) - low
+    if unit <= 0:
+        return None
+
+    def likelihood(decades: float) -> float | None:
+        floor = low - unit * 10**decades
+        if floor >= low:
+            return None  # below the float resolution of the losses
+        ys = [math.log(b - floor) for b in losses]
+        a, slope = _line(ts, ys)
+        res = [y - a - slope * t for t, y in zip(ts, ys, strict=True)]
+        mad = _MAD_TO_SIGMA * statistics.median(abs(r) for r in res)
+        keep = [i for i, r in enumerate(res) if r < trim * mad] if mad > 0 else list(range(len(res)))
+        if len(keep) < 3:
+            return None
+        if len(keep) < len(res):
+            a, slope = _line([ts[i] for i in keep], [ys[i] for i in keep])
+            res = [ys[i] - a - slope * ts[i] for i in keep]
+        var = sum(r * r for r in res) / len(res)
+        return -len(res) / 2 * math.log(var) - sum(ys[i] for i in keep) if var > 0 else None
+
+    best: tuple[float, float] | None = None  # (likelihood, decades)
+    for grid in ([-1.5 + k / 2 for k in range(13)], None):
+        if grid is None:
+            if best is None:
+                return None
+            grid = [best[1] + d / 8 for d in (-3, -2, -1, 1, 2, 3)]
+        for decades in grid:
+            value = likelihood(decades)
+            if value is not None and (best is None or value > best[0]):
+                best = (value, decades)
+    return None if best is None else low - unit * 10 ** best[1]
 
 
 def _is_number(value: object) -> bool:
