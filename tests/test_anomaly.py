@@ -402,7 +402,14 @@ def test_cycles_must_come_in_order() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("failure_share_bound", 1.5), ("stall_cycles", 0), ("failure_alpha", 0.0), ("stall_rank_z", 0.0)],
+    [
+        ("failure_share_bound", 1.5),
+        ("stall_cycles", 0),
+        ("failure_alpha", 0.0),
+        ("stall_rank_z", 0.0),
+        ("stall_lost_ground", 0.0),
+        ("stall_level", 0),
+    ],
 )
 def test_config_rejects_bad_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
