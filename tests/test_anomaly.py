@@ -232,6 +232,30 @@ def test_a_regression_leaves_no_stall_behind_in_the_batch_bests_ranks() -> None:
         assert [(f.kind, f.cycle) for f in findings] == [("regression", 42)], (seed, findings)
 
 
+def _fast_job(seed: int, factor: float) -> list[CycleRecord]:
+    """A job that halves its gap to a floor of -90 every cycle (log-gap noise 0.5); from cycle 15
+    to 19 its batch bests' gap is ``factor`` times that of cycle 14, without progress."""
+    rng = random.Random(seed)
+    best = math.inf
+    out = []
+    for cycle in range(1, 41):
+        regressed = 15 <= cycle <= 19
+        gap = 1000 * math.exp(-0.7 * (14 if regressed else cycle)) * (factor if regressed else 1.0)
+        batch = -90 + gap * math.exp(rng.gauss(0, 0.5))
+        improved, best = batch < best, min(best, batch)
+        out.append(CycleRecord(cycle, 32, 0, 0, batch, best, improved, duration=2.0, eval_seconds=8.0))
+    return out
+
+
+def test_a_regression_of_a_fast_converging_job_is_judged_against_its_trend() -> None:
+    """A job that halves its gap every cycle: a median of its recent raw batch bests lies far above
+    where it now is (it missed these regressions, 30x the gap); the fitted trend (floor and
+    log-linear approach) does not. The same jobs without the regression raise nothing."""
+    for seed in range(10):
+        assert [(f.kind, f.cycle) for f in run(_fast_job(seed, 30.0))] == [("regression", 17)], seed
+        assert run(_fast_job(seed, 1.0)) == [], seed
+
+
 def _hovering(seed: int, floor_share: float) -> dict[int, object]:
     """Batch bests of a job that levels off at ``floor_share`` of its first gap, noise 30%."""
     rng = random.Random(seed + 100)

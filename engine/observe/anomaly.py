@@ -52,15 +52,19 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     ``stall_resume`` improvements.
 ``regression``
     The best score so far can never get worse (it is a running best), so a "regression of the
-    best" means the *batch best*: the best of each new cycle is markedly worse than the recent
-    batches, in ``regression_cycles`` of the last ``regression_cycles + 1`` cycles -- the search
-    lost ground (a diverging step size, a bad restart, a changed problem). Markedly: its excess
-    over the median of the last ``regression_level`` normal batch bests, in units of that median's
-    height above the best (or of the batch-to-batch noise, if larger), beats both
-    ``regression_min_excess`` and ``regression_factor`` times the job's usual (90th percentile of
-    its last ``regression_window`` normal cycles). The scale-free excess means the same while a
-    job's numbers shrink a thousandfold; the median over 7 batches is not dragged down by a pair of
-    lucky ones, after which ordinary batches looked like a regression.
+    best" means the *batch best*: the best of each new cycle is markedly worse than the job's
+    trend, in ``regression_cycles`` of the last ``regression_cycles + 1`` cycles -- the search
+    lost ground (a diverging step size, a bad restart, a changed problem). The trend: a floor
+    ``f`` approached geometrically, ``log(batch best - f)`` linear in the cycle with normal noise,
+    fitted (``f`` by profile likelihood) on the last ``regression_fit_window`` normal batch bests:
+    it follows a job that shrinks its gap tenfold in a few cycles, where a median of raw batch
+    bests lags far behind, and one that levels off (a floor reached). Markedly: the batch best's
+    log height above ``f`` lies ``regression_z`` prediction deviations above the line at the last
+    normal cycle (not extrapolated to this one: a regression loses ground against where the job
+    was, a stall only stops gaining), *and* ``regression_min_excess`` level-to-best gaps above the
+    median of the last ``regression_level`` normal batch bests (worse than the job just was). A
+    batch above the trend but short of the bound is learned only if no worse one follows soon,
+    so a regression's first batches do not widen the noise its later ones are judged by.
 
 A stall and a regression share symptoms (a search that lost ground makes no progress; a stalled
 population's batch bests wander, and spread wider when it moves again), so one is not reported
@@ -105,6 +109,10 @@ ANOMALY_KINDS: Final = ("failure_burst", "stall", "regression", "slow_cycle", "t
 """Every kind a finding can have, in the order a cycle is checked."""
 
 _MAD_TO_SIGMA = 1.4826
+_GOLDEN = (math.sqrt(5) - 1) / 2
+_FLOOR_GRID_STEP = 0.5  # the trend's floor is searched in steps of 10**0.5 of its distance below the best...
+_FLOOR_GRID_STEPS = 6  # ...from 1e-3 to 1e3 times the batch bests' median height above it...
+_FLOOR_REFINE_STEPS = 6  # ...then refined by golden-section search around the best step
 _NORMAL = statistics.NormalDist()
 
 
@@ -192,16 +200,23 @@ class DetectorConfig:
     """Recent batch-to-batch steps whose median is the recent spread; the first half as many make
     the first spread."""
 
-    regression_window: int = 30
-    """Recent normal cycles whose excess (see the module doc) makes up the usual one."""
-    regression_factor: float = 1.5
-    """A batch is markedly worse when its excess is this many times the usual 90th percentile..."""
-    regression_min_excess: float = 2.5
-    """...and at least this: the batch best lies 2.5 level-to-best gaps above the level."""
-    regression_warmup: int = 5
-    """Normal cycles to learn the usual excess from before judging."""
-    regression_level: int = 7
-    """Recent normal batch bests whose median is the level a batch is compared with."""
+    regression_fit_window: int = 32
+    """Recent normal batch bests the job's trend (its floor and log-linear approach) is fitted on."""
+    regression_warmup: int = 8
+    """Normal batch bests needed before the trend is fitted and batches are judged."""
+    regression_z: float = 3.0
+    """A batch is markedly worse when its log height above the fitted floor lies this many
+    prediction deviations above the trend at the last normal cycle..."""
+    regression_min_excess: float = 1.0
+    """...and it lies this many level-to-best gaps above the level (median of the last
+    ``regression_level`` normal batch bests): worse than where the job just was, not only short of
+    where its trend was heading (a stall)."""
+    regression_level: int = 3
+    """Recent normal batch bests whose median is that level."""
+    regression_hold_z: float = 2.5
+    """A batch this many deviations above the trend (but not markedly worse) is learned only once
+    ``regression_cycles`` more cycles passed without a worse one: the first batches of a regression
+    that fell short of the bound do not widen the learned noise."""
     regression_cycles: int = 3
     """Cycles among the last ``regression_cycles + 1`` that must be markedly worse, this one
     included (one bad batch is noise)."""
@@ -279,9 +294,8 @@ class DetectorConfig:
             "stall_max_cycles": self.stall_max_cycles,
             "stall_level": self.stall_level,
             "regression_level": self.regression_level,
-            "regression_window": self.regression_window,
+            "regression_fit_window": self.regression_fit_window,
             "regression_cycles": self.regression_cycles,
-            "regression_warmup": self.regression_warmup,
             "timing_window": self.timing_window,
             "timing_warmup": self.timing_warmup,
             "timing_cycles": self.timing_cycles,
@@ -326,10 +340,14 @@ class DetectorConfig:
             raise ValueError("timing_warmup must not exceed timing_window")
         if self.max_cycle_seconds is not None and self.max_cycle_seconds <= 0:
             raise ValueError(f"max_cycle_seconds must be positive, got {self.max_cycle_seconds}")
-        if min(self.regression_factor, self.regression_min_excess, self.timing_z, self.timing_min_ratio) <= 0:
+        if min(self.regression_z, self.regression_hold_z, self.timing_z, self.timing_min_ratio) <= 0:
             raise ValueError(
-                "regression_factor, regression_min_excess, timing_z and timing_min_ratio must be positive"
+                "regression_z, regression_hold_z, timing_z and timing_min_ratio must be positive"
             )
+        if self.regression_min_excess < 0:
+            raise ValueError(f"regression_min_excess must not be negative, got {self.regression_min_excess}")
+        if not 4 <= self.regression_warmup <= self.regression_fit_window:
+            raise ValueError("regression_warmup must be at least 4 and at most regression_fit_window")
         if self.timing_sustained_z <= 0:
             raise ValueError(f"timing_sustained_z must be positive, got {self.timing_sustained_z}")
         if self.stall_lost_ground <= 0:
@@ -391,7 +409,8 @@ class AnomalyDetector:
         self._batches: deque[tuple[int, float]] = deque(maxlen=2 * max(c.stall_max_cycles, c.stall_cycles))
         self._spreads: deque[float] = deque(maxlen=c.timing_window)  # their usual relative spread
         self._batch: deque[float] = deque(maxlen=max(12, c.regression_level))  # the last normal batch bests
-        self._excess: deque[float] = deque(maxlen=c.regression_window)  # their excess (see _regression)
+        self._trend: list[tuple[int, float]] = []  # (cycle, loss): the normal batch bests of the trend
+        self._held: deque[tuple[int, float]] = deque()  # suspect ones, learned if no regression follows
         self._best_before: float | None = None
         # spread of the batch bests (see _spread_share): their first and their recent steps
         self._first_steps: list[float] = []
@@ -882,49 +901,136 @@ class AnomalyDetector:
         if loss is None or best is None or len(self._batch) < 3:
             if loss is not None:
                 self._batch.append(loss)
+                self._learn_trend((record.cycle, loss))
             return None
         episode = self._episodes["regression"]
-        # How far this batch best lies above the recent level (median of the last 3), in units of
-        # how far that level lies above the best or of the batch-to-batch noise, whichever is
-        # larger: scale-free, so it means the same while the job converges and its numbers shrink
-        # a thousandfold; judged against the job's own history of it.
+        # Where the job just was: the median of its last few normal batch bests, and this batch
+        # best's excess over it in units of that level's height above the best (or of the recent
+        # batch-to-batch noise, if larger: recent, as a fast job's first steps are thousands of
+        # times its last). A new best, or a batch under that level, is not worse (and spares the fit).
         recent = list(self._batch)
         level = statistics.median(recent[-c.regression_level :])
-        steps = [abs(b - a) for a, b in itertools.pairwise(recent)]
-        noise = _MAD_TO_SIGMA * statistics.median(steps) / math.sqrt(2)
-        scale = max(level - best, noise)
-        if scale <= 1e-12 * max(abs(level), 1.0):
-            self._batch.append(loss)
-            return None
-        excess = (loss - level) / scale
-        worse = False
-        bound = math.inf
-        if len(self._excess) >= c.regression_warmup:
-            usual = _quantile(self._excess, 0.9)
-            bound = max(c.regression_factor * usual, c.regression_min_excess)
-            worse = excess > bound
+        steps = [abs(b - a) for a, b in itertools.pairwise(recent[-c.regression_level - 2 :])]
+        scale = max(level - best, _MAD_TO_SIGMA * statistics.median(steps) / math.sqrt(2))
+        excess = (loss - level) / scale if scale > 1e-12 * max(abs(level), 1.0) else 0.0
+        trend = None if loss <= best or excess <= 0 else self._trend_excess(record.cycle, loss, best)
+        worse = trend is not None and trend["z"] > c.regression_z and excess > c.regression_min_excess
         self._worse.append(worse)
-        if not worse and not self._episodes["stall"].open:  # a stalled search is not the norm
+        # What is learned as normal: not a worse batch, nor one of a stalled search; a suspect one
+        # (above the trend, short of the bound) once regression_cycles more passed without a
+        # regression starting -- its first batches must not widen the noise its later ones are
+        # judged by, but dropping every high batch near a lone bad one would bias the trend low.
+        if worse and sum(self._worse) >= min(2, c.regression_cycles):
+            self._held.clear()  # a regression starting (a lone bad batch does not clear them)
+        while self._held and self._held[0][0] < record.cycle - c.regression_cycles:
+            self._learn_trend(self._held.popleft())
+        if not worse and not self._episodes["stall"].open:
             self._batch.append(loss)
-            self._excess.append(excess)
+            if trend is not None and trend["z"] > c.regression_hold_z:
+                self._held.append((record.cycle, loss))
+            else:
+                self._learn_trend((record.cycle, loss))
         # A regressed population still draws the odd normal-looking batch: count the worse
         # cycles among the last regression_cycles + 1, not a strict run.
         episode.run = sum(self._worse)
         if not worse or episode.run < c.regression_cycles:
             return None if not (worse and episode.open) else {"message": ""}
+        assert trend is not None
         sign = -1.0 if self.maximize else 1.0
         return {
             "message": (
                 f"cycle {record.cycle}: the batch best {record.batch_best_score:.6g} is markedly worse than "
-                f"the recent batches ({sign * level:.6g}; best {sign * best:.6g}), as were {episode.run} "
-                f"of the last {len(self._worse)} cycles"
+                f"the job's trend ({sign * trend['expected']:.6g} at its last normal cycle, "
+                f"{trend['z']:.1f} deviations; floor {sign * trend['floor']:.6g}) and than its recent "
+                f"batches ({sign * level:.6g}; best {sign * best:.6g}), as were {episode.run} of the "
+                f"last {len(self._worse)} cycles"
             ),
             "batch_best_score": record.batch_best_score,
             "recent_level": sign * level,
             "best_score": sign * best,
             "excess": excess,
-            "bound": bound,
+            "trend_floor": sign * trend["floor"],
+            "trend_expected": sign * trend["expected"],
+            "log_excess": trend["log_excess"],
+            "z": trend["z"],
+            "bound": c.regression_z,
             "cycles": episode.run,
+        }
+
+    def _learn_trend(self, item: tuple[int, float]) -> None:
+        """Add a normal (cycle, loss) to the batch bests the trend is fitted on (kept in order)."""
+        bisect.insort(self._trend, item)
+        if len(self._trend) > self.config.regression_fit_window:
+            del self._trend[0]
+
+    def _trend_excess(self, cycle: int, loss: float, best: float) -> dict[str, float] | None:
+        """How far ``loss`` lies above the job's trend, or None before there is one to judge by.
+
+        The model: a normal batch best is ``f + exp(a - r t + e)``, ``e`` normal with sd ``s`` --
+        a floor ``f`` approached geometrically, with a noise proportional to the gap (what the
+        batch bests of a converging search do, and a levelled-off one with ``r = 0``). For a given
+        ``f`` the line is least squares on ``log(b - f)``; ``f`` maximises the profile likelihood
+        ``-n/2 log(RSS) - sum log(b - f)`` (the last term the Jacobian of the log) over a grid of
+        ``f`` below the lowest batch best, in steps of a factor ``10 ** 0.5`` of its distance,
+        refined by golden-section search. ``loss`` is judged against the line at the *last normal
+        cycle*, not extrapolated to this one: a regression loses ground against where the job
+        was; a stall only stops gaining (and a trend that batches stopped feeding does not drift).
+        The deviation is the prediction's, ``s sqrt(1 + 1/n + d^2/Sxx)``, ``s`` on n - 3 degrees.
+        """
+        c = self.config
+        n = len(self._trend)
+        if n < c.regression_warmup:
+            return None
+        ts = [t for t, _ in self._trend]
+        bs = [b for _, b in self._trend]
+        low = min(min(bs), best)
+        height = statistics.median(bs) - low
+        tbar = sum(ts) / n
+        dt = [t - tbar for t in ts]
+        sxx = sum(d * d for d in dt)
+        if height <= 1e-12 * max(abs(low), 1.0) or sxx <= 0:
+            return None
+        log = math.log
+        d = ts[-1] - tbar
+
+        def profile(g: float) -> tuple[float, float, float, float]:
+            """(profile log-likelihood, floor, fitted log height at the last normal cycle, RSS)
+            for the floor ``10**g`` heights below the lowest batch best."""
+            f = low - height * 10.0**g
+            ys = [log(b - f) for b in bs]
+            total = sum(ys)
+            mean = total / n
+            sxy = sum(x * y for x, y in zip(dt, ys, strict=True))
+            syy = sum((y - mean) ** 2 for y in ys)
+            slope = sxy / sxx
+            rss = max(syy - sxy * slope, 1e-12 * n)
+            return -0.5 * n * log(rss) - total, f, mean + slope * d, rss
+
+        grid = [k * _FLOOR_GRID_STEP for k in range(-_FLOOR_GRID_STEPS, _FLOOR_GRID_STEPS + 1)]
+        values = [profile(g)[0] for g in grid]
+        i = max(range(len(grid)), key=values.__getitem__)
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+        fa, fb = profile(a), profile(b)
+        for _ in range(_FLOOR_REFINE_STEPS):
+            if fa[0] >= fb[0]:
+                hi, b, fb = b, a, fa
+                a = hi - _GOLDEN * (hi - lo)
+                fa = profile(a)
+            else:
+                lo, a, fa = a, b, fb
+                b = lo + _GOLDEN * (hi - lo)
+                fb = profile(b)
+        _, f, expected, rss = max(fa, fb, profile(grid[i]), key=lambda v: v[0])
+        if loss <= f:
+            return None
+        log_excess = log(loss - f) - expected
+        deviation = math.sqrt(rss / (n - 3)) * math.sqrt(1 + 1 / n + d * d / sxx)
+        return {
+            "floor": f,
+            "expected": f + math.exp(expected),
+            "log_excess": log_excess,
+            "z": log_excess / deviation,
         }
 
     # -- timing -----------------------------------------------------------------------------------
