@@ -38,7 +38,7 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     bests before the window that lost the pace (the last improvement for a dry spell): a
     converging search's losses close in on their floor geometrically with a log-normal noise,
     so ``log(batch best - floor)`` is a line in the cycle, and the floor under which it is most
-    likely one is profiled (``_fit_floor``) -- a job that levels off at its floor has reached
+    likely one is profiled (``_fit_trend``) -- a job that levels off at its floor has reached
     it, a stalled one froze far above it. With fewer than ``3 * stall_cycles`` batch bests to
     fit: either the job's gains, extrapolated geometrically from the last two thirds of its
     life, leave more than that share to its floor, or its batch bests still spread more than
@@ -97,7 +97,7 @@ import itertools
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -110,9 +110,7 @@ ANOMALY_KINDS: Final = ("failure_burst", "stall", "regression", "slow_cycle", "t
 
 _MAD_TO_SIGMA = 1.4826
 _GOLDEN = (math.sqrt(5) - 1) / 2
-_FLOOR_GRID_STEP = 0.5  # the trend's floor is searched in steps of 10**0.5 of its distance below the best...
-_FLOOR_GRID_STEPS = 6  # ...from 1e-3 to 1e3 times the batch bests' median height above it...
-_FLOOR_REFINE_STEPS = 6  # ...then refined by golden-section search around the best step
+_FLOOR_REFINE_STEPS = 6  # golden-section steps that refine a trend's floor around the best grid step
 _NORMAL = statistics.NormalDist()
 
 
@@ -835,7 +833,7 @@ class AnomalyDetector:
         gained = first_best - best
         if gained <= 0:
             return True, "no progress since the first cycle"
-        # The floor the batch bests up to the last improvement converged to (see _fit_floor).
+        # The floor the batch bests up to the last improvement converged to (see _fit_trend).
         fitted = self._floor_share(best, last_improvement if until is None else until)
         if fitted is not None:
             return (
@@ -864,15 +862,23 @@ class AnomalyDetector:
 
     def _floor_share(self, best: float, until: int) -> float | None:
         """The share of the way from the first best to the job's floor left at ``best``, the floor
-        fitted (:func:`_fit_floor`) to the batch bests up to cycle ``until`` -- a stall's own
+        fitted (:func:`_fit_trend`) to the batch bests up to cycle ``until`` -- a stall's own
         batches would pull it up to where the job froze -- or None with fewer than
         ``3 * stall_cycles`` of them (the first few batches of a noisy job can look levelled
         off). Fitted once per last improvement."""
         assert self._first is not None
         if self._floor_fit is None or self._floor_fit[0] != until:
             points = [(cycle, b) for cycle, b in self._history if cycle <= until]
-            enough = len(points) >= 3 * self.config.stall_cycles
-            self._floor_fit = (until, _fit_floor(points) if enough else None)
+            trend = None
+            if len(points) >= 3 * self.config.stall_cycles:
+                # Floors 0.03 to 30,000 median batch-to-batch steps under the lowest, bad batches out.
+                losses = [b for _, b in points]
+                low = min(losses)
+                unit = (
+                    statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) or max(losses) - low
+                )
+                trend = _fit_trend(points, below=low, unit=unit, decades=(-1.5, 4.5), trim=3.0)
+            self._floor_fit = (until, None if trend is None else trend.floor)
         floor = self._floor_fit[1]
         if floor is None or self._first[1] <= floor:
             return None
@@ -977,60 +983,21 @@ class AnomalyDetector:
         was; a stall only stops gaining (and a trend that batches stopped feeding does not drift).
         The deviation is the prediction's, ``s sqrt(1 + 1/n + d^2/Sxx)``, ``s`` on n - 3 degrees.
         """
-        c = self.config
-        n = len(self._trend)
-        if n < c.regression_warmup:
+        if len(self._trend) < self.config.regression_warmup:
             return None
-        ts = [t for t, _ in self._trend]
         bs = [b for _, b in self._trend]
         low = min(min(bs), best)
-        height = statistics.median(bs) - low
-        tbar = sum(ts) / n
-        dt = [t - tbar for t in ts]
-        sxx = sum(d * d for d in dt)
-        if height <= 1e-12 * max(abs(low), 1.0) or sxx <= 0:
+        trend = _fit_trend(self._trend, below=low, unit=statistics.median(bs) - low, decades=(-3.0, 3.0))
+        if trend is None or loss <= trend.floor:
             return None
-        log = math.log
-        d = ts[-1] - tbar
-
-        def profile(g: float) -> tuple[float, float, float, float]:
-            """(profile log-likelihood, floor, fitted log height at the last normal cycle, RSS)
-            for the floor ``10**g`` heights below the lowest batch best."""
-            f = low - height * 10.0**g
-            ys = [log(b - f) for b in bs]
-            total = sum(ys)
-            mean = total / n
-            sxy = sum(x * y for x, y in zip(dt, ys, strict=True))
-            syy = sum((y - mean) ** 2 for y in ys)
-            slope = sxy / sxx
-            rss = max(syy - sxy * slope, 1e-12 * n)
-            return -0.5 * n * log(rss) - total, f, mean + slope * d, rss
-
-        grid = [k * _FLOOR_GRID_STEP for k in range(-_FLOOR_GRID_STEPS, _FLOOR_GRID_STEPS + 1)]
-        values = [profile(g)[0] for g in grid]
-        i = max(range(len(grid)), key=values.__getitem__)
-        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-        a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-        fa, fb = profile(a), profile(b)
-        for _ in range(_FLOOR_REFINE_STEPS):
-            if fa[0] >= fb[0]:
-                hi, b, fb = b, a, fa
-                a = hi - _GOLDEN * (hi - lo)
-                fa = profile(a)
-            else:
-                lo, a, fa = a, b, fb
-                b = lo + _GOLDEN * (hi - lo)
-                fb = profile(b)
-        _, f, expected, rss = max(fa, fb, profile(grid[i]), key=lambda v: v[0])
-        if loss <= f:
-            return None
-        log_excess = log(loss - f) - expected
-        deviation = math.sqrt(rss / (n - 3)) * math.sqrt(1 + 1 / n + d * d / sxx)
+        last = self._trend[-1][0]
+        expected = trend.log_height(last)
+        log_excess = math.log(loss - trend.floor) - expected
         return {
-            "floor": f,
-            "expected": f + math.exp(expected),
+            "floor": trend.floor,
+            "expected": trend.floor + math.exp(expected),
             "log_excess": log_excess,
-            "z": log_excess / deviation,
+            "z": log_excess / trend.deviation(last),
         }
 
     # -- timing -----------------------------------------------------------------------------------
@@ -1172,61 +1139,132 @@ def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> st
     )
 
 
-def _line(ts: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares intercept and slope of ``ys`` on ``ts``."""
-    n = len(ts)
-    tm, ym = sum(ts) / n, sum(ys) / n
-    sxx = sum((t - tm) ** 2 for t in ts)
-    slope = sum((t - tm) * (y - ym) for t, y in zip(ts, ys, strict=True)) / sxx if sxx > 0 else 0.0
-    return ym - slope * tm, slope
+@dataclass(frozen=True, slots=True)
+class _Trend:
+    """A job's fitted convergence (:func:`_fit_trend`): ``log(loss - floor)`` a line in the cycle,
+    through ``mean`` at ``tbar`` with ``slope``, leaving ``rss`` over ``n`` losses."""
+
+    floor: float
+    mean: float
+    slope: float
+    tbar: float
+    sxx: float
+    rss: float
+    n: int
+
+    def log_height(self, cycle: float) -> float:
+        """The line's ``log(loss - floor)`` at ``cycle``."""
+        return self.mean + self.slope * (cycle - self.tbar)
+
+    def deviation(self, cycle: float) -> float:
+        """The deviation of a new loss's log height at ``cycle`` around the line (the prediction's:
+        ``s sqrt(1 + 1/n + d^2/Sxx)``, ``s`` on ``n - 3`` degrees of freedom)."""
+        d = cycle - self.tbar
+        s = math.sqrt(self.rss / max(self.n - 3, 1))
+        return s * math.sqrt(1 + 1 / self.n + d * d / self.sxx)
 
 
-def _fit_floor(points: list[tuple[int, float]], trim: float = 3.0) -> float | None:
-    """The floor ``f`` under which ``log(loss - f)`` is most likely a line in the cycle.
+def _fit_trend(
+    points: Sequence[tuple[int, float]],
+    *,
+    below: float,
+    unit: float,
+    decades: tuple[float, float],
+    trim: float | None = None,
+) -> _Trend | None:
+    """The convergence under which the losses ``points`` (cycle, loss) are most likely.
 
     A converging search's losses close in on its floor geometrically, ``f + A exp(-r t)``, with a
-    log-normal batch noise: ``log(loss - f)`` is a line plus Gaussian noise. The floor is profiled
-    -- the line and the noise fitted for each candidate, the likelihood counting the Jacobian
-    ``-sum log(loss - f)`` -- over distances below the lowest loss of 0.03 to 30,000 median
-    batch-to-batch steps, half a decade apart, then an eighth around the best. Losses more than
-    ``trim`` robust deviations above the line (the odd bad batch) are left out. None when the
-    losses did not move.
+    log-normal batch noise: ``log(loss - f)`` is a line plus Gaussian noise (a job that levelled
+    off is the line with ``r = 0``). The floor is profiled -- the line and the noise fitted by
+    least squares for each candidate, the likelihood ``-n/2 log(RSS/n) - sum log(loss - f)``
+    counting the Jacobian of the log -- over floors ``unit * 10**g`` under ``below`` (at most the
+    lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades, refined by
+    golden-section search between the best one's neighbours. With ``trim``, losses more than
+    that many robust deviations above the line (the odd bad batch) are left out of it. None when
+    the losses did not move (``unit`` is not positive) or span a single cycle.
     """
+    if unit <= 0 or len(points) < 3:
+        return None
     ts = [float(t) for t, _ in points]
+    losses = [b for _, b in points]
+
+    def fit(g: float) -> tuple[float, _Trend] | None:
+        floor = below - unit * 10.0**g
+        if floor >= below:
+            return None  # under the float resolution of the losses
+        ys = [math.log(b - floor) for b in losses]
+        keep = list(range(len(ys)))
+        line = _least_squares([ts[i] for i in keep], [ys[i] for i in keep])
+        if line is None:
+            return None
+        if trim is not None:
+            mean, slope, tbar, _, _ = line
+            residuals = [y - mean - slope * (t - tbar) for t, y in zip(ts, ys, strict=True)]
+            mad = _MAD_TO_SIGMA * statistics.median(abs(r) for r in residuals)
+            if mad > 0:
+                keep = [i for i, r in enumerate(residuals) if r < trim * mad]
+                line = (
+                    _least_squares([ts[i] for i in keep], [ys[i] for i in keep]) if len(keep) >= 3 else None
+                )
+                if line is None:
+                    return None
+        mean, slope, tbar, sxx, rss = line
+        n = len(keep)
+        rss = max(rss, 1e-12 * n)
+        likelihood = -0.5 * n * math.log(rss / n) - sum(ys[i] for i in keep)
+        return likelihood, _Trend(floor, mean, slope, tbar, sxx, rss, n)
+
+    grid = [decades[0] + k / 2 for k in range(int(2 * (decades[1] - decades[0])) + 1)]
+    fits = [fit(g) for g in grid]
+    scored = [(f[0], i) for i, f in enumerate(fits) if f is not None]
+    if not scored:
+        return None
+    _, i = max(scored)
+    chosen = fits[i]
+    assert chosen is not None
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    fa, fb = fit(a), fit(b)
+    for _ in range(_FLOOR_REFINE_STEPS):
+        if fa is not None and (fb is None or fa[0] >= fb[0]):
+            hi, b, fb = b, a, fa
+            a = hi - _GOLDEN * (hi - lo)
+            fa = fit(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + _GOLDEN * (hi - lo)
+            fb = fit(b)
+    for candidate in (fa, fb):
+        if candidate is not None and candidate[0] > chosen[0]:
+            chosen = candidate
+    return chosen[1]
+
+
+def _fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
+    """The floor of :func:`_fit_trend` over ``points`` (cycle, loss), searched 0.03 to 30,000
+    median batch-to-batch steps under the lowest loss, the odd bad batch (3 robust deviations above
+    the line) left out; None when the losses did not move."""
     losses = [b for _, b in points]
     low = min(losses)
     unit = statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) or max(losses) - low
-    if unit <= 0:
+    trend = _fit_trend(points, below=low, unit=unit, decades=(-1.5, 4.5), trim=3.0)
+    return None if trend is None else trend.floor
+
+
+def _least_squares(ts: list[float], ys: list[float]) -> tuple[float, float, float, float, float] | None:
+    """(mean of ``ys``, slope, mean of ``ts``, Sxx, residual sum of squares) of the least-squares
+    line of ``ys`` on ``ts``; None when ``ts`` are all one cycle."""
+    n = len(ts)
+    tbar, mean = sum(ts) / n, sum(ys) / n
+    dt = [t - tbar for t in ts]
+    sxx = sum(d * d for d in dt)
+    if sxx <= 0:
         return None
-
-    def likelihood(decades: float) -> float | None:
-        floor = low - unit * 10**decades
-        if floor >= low:
-            return None  # below the float resolution of the losses
-        ys = [math.log(b - floor) for b in losses]
-        a, slope = _line(ts, ys)
-        res = [y - a - slope * t for t, y in zip(ts, ys, strict=True)]
-        mad = _MAD_TO_SIGMA * statistics.median(abs(r) for r in res)
-        keep = [i for i, r in enumerate(res) if r < trim * mad] if mad > 0 else list(range(len(res)))
-        if len(keep) < 3:
-            return None
-        if len(keep) < len(res):
-            a, slope = _line([ts[i] for i in keep], [ys[i] for i in keep])
-            res = [ys[i] - a - slope * ts[i] for i in keep]
-        var = sum(r * r for r in res) / len(res)
-        return -len(res) / 2 * math.log(var) - sum(ys[i] for i in keep) if var > 0 else None
-
-    best: tuple[float, float] | None = None  # (likelihood, decades)
-    for grid in ([-1.5 + k / 2 for k in range(13)], None):
-        if grid is None:
-            if best is None:
-                return None
-            grid = [best[1] + d / 8 for d in (-3, -2, -1, 1, 2, 3)]
-        for decades in grid:
-            value = likelihood(decades)
-            if value is not None and (best is None or value > best[0]):
-                best = (value, decades)
-    return None if best is None else low - unit * 10 ** best[1]
+    sxy = sum(d * (y - mean) for d, y in zip(dt, ys, strict=True))
+    syy = sum((y - mean) ** 2 for y in ys)
+    slope = sxy / sxx
+    return mean, slope, tbar, sxx, max(syy - sxy * slope, 0.0)
 
 
 def _is_number(value: object) -> bool:
