@@ -173,6 +173,7 @@ RANKS_ONLY = DetectorConfig(
     stall_collapse_ratio=0.0,
     stall_slowdown_alpha=1e-300,
     stall_slowdown_flat_alpha=1e-300,
+    stall_flat_window=10_000,
 )
 """The stall tests other than the rank trend switched off."""
 
@@ -200,6 +201,23 @@ def test_a_stall_is_found_by_the_lost_trend_of_the_batch_bests_ranks() -> None:
     best = records[-1].best_score
     assert best is not None
     assert run(records, target=0.99 * best, config=RANKS_ONLY) == []
+
+
+def test_a_stall_that_struck_before_the_job_showed_a_trend_is_found_by_no_trend_at_all() -> None:
+    """Batch bests that wander from cycle 8 on (too early for the rank test to learn a trend, and
+    their own dry spells short) show no trend over 32 batches: a stall, with a target or without,
+    found sooner than by the other tests (or at all); healthy jobs always show theirs."""
+    no_flat = DetectorConfig(stall_flat_window=10_000)
+    for target in (-20.0, None):
+        for seed in (3, 4, 8):
+            records = normal_series(seed=seed, batch_best_score=_wandering_after(8, seed))
+            found = run(records, target=target)
+            assert [f.kind for f in found] == ["stall"], (target, seed, found)
+            assert "show no trend" in found[0].message and found[0].evidence["z"] < 1.5, found
+            later = run(records, target=target, config=no_flat)
+            assert all(f.cycle > found[0].cycle + 10 for f in later), (found, later)
+        healthy = [normal_series(seed=s) for s in range(30)]
+        assert sum("show no trend" in f.message for r in healthy for f in run(r, target=target)) == 0
 
 
 def test_without_a_target_a_dry_spell_needs_the_ranks_to_confirm_it() -> None:
@@ -433,6 +451,7 @@ def test_cycles_must_come_in_order() -> None:
         ("stall_rank_z", 0.0),
         ("stall_lost_ground", 0.0),
         ("stall_level", 0),
+        ("stall_flat_window", 2),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: float) -> None:

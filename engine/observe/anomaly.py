@@ -30,7 +30,11 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     floor and scale, and a stalled one with probability one half; ``theta`` is learned from the
     ``stall_window`` batches before a recent window (one of ``stall_rank_windows``), and the
     window's Mann-Kendall sum must fall ``stall_rank_z`` deviations (of the sum under no trend)
-    short of what it predicts. Without a target the ranks also confirm: a dry spell or a
+    short of what it predicts. Or, whatever was learned before, no trend at all: after
+    ``stall_cycles`` without improvement the last ``stall_flat_window`` batch bests trend down by
+    less than ``stall_flat_z`` deviations of their Mann-Kendall sum (a stall that struck early,
+    before there was a trend to learn, or that the rank test's history already reaches into).
+    Without a target the ranks also confirm: a dry spell or a
     slowdown is a stall only if the shortfall is at least ``stall_rank_confirm_z`` (a job that
     waits for a lucky record to be matched is still closing in, batch by batch). Far from the
     goal: with a target, more than ``stall_far_share`` of the way from the first best to it is
@@ -191,6 +195,15 @@ class DetectorConfig:
     stall_far_share: float = 0.05
     """Still "far" while more than this share of the way remains: to the target, or without one
     to the floor fitted to the job's batch bests before the stall (see the module doc)."""
+    stall_floor_far_share: float = 0.05
+    """Without a target, "far" while more than this share of the way to the fitted floor remains."""
+    stall_flat_window: int = 32
+    """Recent batch bests that must show a downward trend (see ``stall_flat_z``)."""
+    stall_flat_z: float = 1.5
+    """A job whose last ``stall_flat_window`` batch bests trend down by less than this (their
+    Mann-Kendall sum, in deviations of it under no trend), after ``stall_cycles`` without
+    improvement, is stalled when far from its goal, whatever it learned before: a job converging at
+    a tenth of its batch noise per cycle shows about 4 over 32 batches."""
     stall_spread_far: float = 0.3
     """Without a target and too few batch bests to fit a floor, also "far" while their recent
     spread is more than this share of their first (noise scales with the gap to the floor)."""
@@ -304,9 +317,12 @@ class DetectorConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.stall_flat_window < 3:
+            raise ValueError(f"stall_flat_window must be at least 3, got {self.stall_flat_window}")
         for name, share in (
             ("failure_share_bound", self.failure_share_bound),
             ("stall_far_share", self.stall_far_share),
+            ("stall_floor_far_share", self.stall_floor_far_share),
             ("stall_collapse_ratio", self.stall_collapse_ratio),
             ("stall_spread_far", self.stall_spread_far),
         ):
@@ -608,6 +624,8 @@ class AnomalyDetector:
                 evidence = None  # the batch bests still close in: an unlucky wait, not a stall
         elif evidence is None:
             evidence = self._rank_evidence(record, best)
+        if evidence is None:
+            evidence = self._flat_evidence(record, best)
         if evidence is not None and not self._episodes["stall"].open and self._lost_ground():
             evidence = None  # the batch bests got markedly worse: a regression's symptom, not a stall
         if evidence is None and self._episodes["stall"].open and self._resumed < c.stall_resume:
@@ -776,6 +794,49 @@ class AnomalyDetector:
             "reason": why,
         }
 
+    def _flat_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
+        """A stall seen as no trend at all: after ``stall_cycles`` without improvement, the last
+        ``stall_flat_window`` batch bests trend down by less than ``stall_flat_z`` deviations
+        (Mann-Kendall, one-sided: a job without trend falls below 1.5 in 93% of windows, one
+        converging at a tenth of its batch noise a cycle in under 1% -- it expects about 4).
+
+        Unlike the rank test, it needs nothing learned before the window: a stall that struck
+        early, or one whose trend window already reaches into the stall, still shows. A window
+        reaching back into a reported stall or a regression is not judged (their batches lost the
+        trend for that: a second report of the same stall says nothing new)."""
+        c = self.config
+        w = c.stall_flat_window
+        last = self._improvements[-1][0]
+        if record.cycle - last < c.stall_cycles or len(self._history) < w:
+            return None
+        window = list(itertools.islice(self._history, len(self._history) - w, None))
+        start = window[0][0]
+        if any(ended is not None and start <= ended for ended in (self._regression_ended, self._stall_ended)):
+            return None  # a regression's batches lost the trend for that; a reported stall's, too
+        losses = [b for _, b in window]
+        total = 0
+        for i, a in enumerate(losses):
+            for b in losses[i + 1 :]:
+                total += (b < a) - (b > a)
+        z = total / math.sqrt(w * (w - 1) * (2 * w + 5) / 18)
+        if z >= c.stall_flat_z:
+            return None
+        far, why = self._far_from_goal(best, last)
+        if not far:
+            return None
+        return {
+            "message": (
+                f"cycle {record.cycle}: the last {w} batch bests show no trend (Mann-Kendall "
+                f"{z:.1f} deviations; best {record.best_score:.6g}); {why}"
+            ),
+            "cycles_without_improvement": record.cycle - last,
+            "window": w,
+            "z": z,
+            "best_score": record.best_score,
+            "target": self.target,
+            "reason": why,
+        }
+
     def _hovering(self, best: float, after: int) -> bool:
         """Whether the batch bests since cycle ``after`` stopped closing in on the best: the median
         log height above it over the later half of them is within ``stall_trend_margin`` of the
@@ -837,7 +898,7 @@ class AnomalyDetector:
         fitted = self._floor_share(best, last_improvement if until is None else until)
         if fitted is not None:
             return (
-                fitted > c.stall_far_share,
+                fitted > c.stall_floor_far_share,
                 f"the convergence fitted to its batch bests leaves {fitted:.0%} of the way to its floor",
             )
         # Too few batch bests to fit: the spread of the batch bests, or the pace of the best.
