@@ -34,14 +34,14 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     ``stall_cycles`` without improvement the last ``stall_flat_window`` batch bests trend down by
     less than ``stall_flat_z`` deviations of their Mann-Kendall sum (a stall that struck early,
     before there was a trend to learn, or that the rank test's history already reaches into).
-    Without a target the ranks also confirm: a dry spell or a
-    slowdown is a stall only if the shortfall is at least ``stall_rank_confirm_z`` (a job that
-    waits for a lucky record to be matched is still closing in, batch by batch). Far from the
-    goal: with a target, more than ``stall_far_share`` of the way from the first best to it is
-    left; without one, more than that share of the way to the job's floor, fitted to its batch
-    bests before the window that lost the pace (the last improvement for a dry spell): a
-    converging search's losses close in on their floor geometrically with a log-normal noise,
-    so ``log(batch best - floor)`` is a line in the cycle, and the floor under which it is most
+    Without a target the ranks also confirm: a dry spell or a slowdown is a stall only if the
+    shortfall is at least ``stall_rank_confirm_z`` (a job that waits for a lucky record to be
+    matched is still closing in, batch by batch). Far from the goal: with a target, more than
+    ``stall_far_share`` of the way from the first best to it is left; without one, more than
+    ``stall_floor_far_share`` of the way to the job's floor, fitted to its batch bests before the
+    window that lost the pace (the last improvement for a dry spell): a converging search's
+    losses close in on their floor geometrically with a log-normal noise, so
+    ``log(batch best - floor)`` is a line in the cycle, and the floor under which it is most
     likely one is profiled (``_fit_floor``) -- a job that levels off at its floor has reached
     it, a stalled one froze far above it. With fewer than ``3 * stall_cycles`` batch bests to
     fit: either the job's gains, extrapolated geometrically from the last two thirds of its
@@ -188,9 +188,11 @@ class DetectorConfig:
     moves again spreads wider than while it was stuck)."""
     stall_far_share: float = 0.05
     """Still "far" while more than this share of the way remains: to the target, or without one
-    to the floor fitted to the job's batch bests before the stall (see the module doc)."""
-    stall_floor_far_share: float = 0.05
-    """Without a target, "far" while more than this share of the way to the fitted floor remains."""
+    (and too few batch bests to fit a floor) to the floor the pace of the best suggests."""
+    stall_floor_far_share: float = 0.1
+    """Without a target, "far" while more than this share of the way to the floor fitted to the
+    batch bests remains: twice ``stall_far_share``, as the fitted floor is itself uncertain (a job
+    levelling off just above it has often reached its real one)."""
     stall_flat_window: int = 32
     """Recent batch bests that must show a downward trend (see ``stall_flat_z``)."""
     stall_flat_z: float = 1.5
