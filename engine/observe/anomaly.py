@@ -34,14 +34,15 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     ``stall_cycles`` without improvement the last ``stall_flat_window`` batch bests trend down by
     less than ``stall_flat_z`` deviations of their Mann-Kendall sum (a stall that struck early,
     before there was a trend to learn, or that the rank test's history already reaches into).
-    Without a target the ranks also confirm: a dry spell or a
-    slowdown is a stall only if the shortfall is at least ``stall_rank_confirm_z`` (a job that
-    waits for a lucky record to be matched is still closing in, batch by batch). Far from the
-    goal: with a target, more than ``stall_far_share`` of the way from the first best to it is
-    left; without one, more than that share of the way to the job's floor, fitted to its batch
-    bests before the window that lost the pace (the last improvement for a dry spell): a
-    converging search's losses close in on their floor geometrically with a log-normal noise,
-    so ``log(batch best - floor)`` is a line in the cycle, and the floor under which it is most
+    The ranks also confirm: a dry spell or a slowdown is a stall only if the shortfall is at
+    least ``stall_rank_confirm_z`` (a job that waits for a lucky record to be matched is still
+    closing in, batch by batch); with a target, it stands alone while the ranks cannot be judged
+    yet (too short a history). Far from the goal: with a target, more than
+    ``stall_far_share`` of the way from the first best to it is left; without one, more than
+    ``stall_floor_far_share`` of the way to the job's floor, fitted to its batch bests before the
+    window that lost the pace (the last improvement for a dry spell): a converging search's
+    losses close in on their floor geometrically with a log-normal noise, so
+    ``log(batch best - floor)`` is a line in the cycle, and the floor under which it is most
     likely one is profiled (``_fit_trend``) -- a job that levels off at its floor has reached
     it, a stalled one froze far above it. With fewer than ``3 * stall_cycles`` batch bests to
     fit: either the job's gains, extrapolated geometrically from the last two thirds of its
@@ -182,7 +183,8 @@ class DetectorConfig:
     stall_rank_z: float = 4.0
     """The shortfall of a window's rank trend (in deviations) that is a stall on its own."""
     stall_rank_confirm_z: float = 1.5
-    """Without one: the least shortfall (in any window) that confirms a dry spell or slowdown."""
+    """The least shortfall (in any window) that confirms a dry spell or slowdown (with a target,
+    only once the ranks can be judged)."""
     stall_lost_ground: float = 1.5
     """No stall is called while the batch bests since the last improvement sit more than this many
     robust deviations of the batch-to-batch noise above the level before (see ``_lost_ground``):
@@ -194,9 +196,11 @@ class DetectorConfig:
     moves again spreads wider than while it was stuck)."""
     stall_far_share: float = 0.05
     """Still "far" while more than this share of the way remains: to the target, or without one
-    to the floor fitted to the job's batch bests before the stall (see the module doc)."""
-    stall_floor_far_share: float = 0.05
-    """Without a target, "far" while more than this share of the way to the fitted floor remains."""
+    (and too few batch bests to fit a floor) to the floor the pace of the best suggests."""
+    stall_floor_far_share: float = 0.1
+    """Without a target, "far" while more than this share of the way to the floor fitted to the
+    batch bests remains: twice ``stall_far_share``, as the fitted floor is itself uncertain (a job
+    levelling off just above it has often reached its real one)."""
     stall_flat_window: int = 32
     """Recent batch bests that must show a downward trend (see ``stall_flat_z``)."""
     stall_flat_z: float = 1.5
@@ -618,11 +622,15 @@ class AnomalyDetector:
         evidence = None if record.improved else self._stall_evidence(record, best)
         if evidence is None:
             evidence = self._slowdown_evidence(record, best)
-        if evidence is not None and self.target is None:
+        if evidence is not None:
+            # The batch bests still close in: an unlucky wait, not a stall. With a target, the
+            # dry spell stands alone while the ranks cannot be judged yet (a short history).
             shortfall = self._rank_shortfall()
-            if shortfall is None or shortfall["z"] < c.stall_rank_confirm_z:
-                evidence = None  # the batch bests still close in: an unlucky wait, not a stall
-        elif evidence is None:
+            if (shortfall is None and self.target is None) or (
+                shortfall is not None and shortfall["z"] < c.stall_rank_confirm_z
+            ):
+                evidence = None
+        else:
             evidence = self._rank_evidence(record, best)
         if evidence is None:
             evidence = self._flat_evidence(record, best)
