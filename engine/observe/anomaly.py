@@ -24,7 +24,7 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     improved far less often than at its rate before (beta-binomial tail below
     ``stall_slowdown_alpha``, or below ``stall_slowdown_flat_alpha`` when its batch bests also
     stopped closing in on the best: a converging job's keep closing in between improvements,
-    whatever the noise). Or, with a target, a loss of trend in the batch bests' ranks: a job
+    whatever the noise). Or a loss of trend in the batch bests' ranks: a job
     converging at ``r`` (in log gap) with batch noise ``s`` draws a batch best better than the one
     ``k`` cycles before with probability ``Phi(theta k / sqrt 2)``, ``theta = r / s``, whatever its
     floor and scale, and a stalled one with probability one half; ``theta`` is learned from the
