@@ -1165,7 +1165,7 @@ class _Trend:
     rss: float
     n: int
     weight: float = 0.0
-    """With weights (see :func:`_weighted_line`): their sum, and those of their squares..."""
+    """With weights (see :func:`_weighted_design`): their sum, and those of their squares..."""
     w2: float = 0.0
     w2d: float = 0.0
     """...times the cycle's distance from ``tbar``..."""
@@ -1224,20 +1224,24 @@ def _fit_trend(
     ts = [float(t) for t, _ in points]
     losses = [b for _, b in points]
     weights = None if half_life is None else [0.5 ** ((ts[-1] - t) / half_life) for t in ts]
+    design = None if weights is None else _weighted_design(ts, weights)
+    if weights is not None and design is None:
+        return None
+    dts = [] if design is None else [t - design.tbar for t in ts]
 
     def fit(g: float) -> tuple[float, _Trend] | None:
         floor = below - unit * 10.0**g
         if floor >= below:
             return None  # under the float resolution of the losses
         ys = [math.log(b - floor) for b in losses]
-        if weights is not None:
-            wline = _weighted_line(ts, ys, weights)
-            if wline is None:
-                return None
-            likelihood = -0.5 * wline.weight * math.log(wline.rss / wline.weight) - sum(
-                w * y for w, y in zip(weights, ys, strict=True)
-            )
-            return likelihood, replace(wline, floor=floor)
+        if weights is not None and design is not None:
+            wys = [w * y for w, y in zip(weights, ys, strict=True)]
+            mean = sum(wys) / design.weight
+            slope = sum(d * v for d, v in zip(dts, wys, strict=True)) / design.sxx
+            rss = sum(w * (y - mean - slope * d) ** 2 for w, d, y in zip(weights, dts, ys, strict=True))
+            rss = max(rss, 1e-12 * design.weight)
+            likelihood = -0.5 * design.weight * math.log(rss / design.weight) - sum(wys)
+            return likelihood, replace(design, floor=floor, mean=mean, slope=slope, rss=rss)
         keep = list(range(len(ys)))
         line = _least_squares([ts[i] for i in keep], [ys[i] for i in keep])
         if line is None:
@@ -1285,26 +1289,24 @@ def _fit_trend(
     return chosen[1]
 
 
-def _weighted_line(ts: list[float], ys: list[float], ws: list[float]) -> _Trend | None:
-    """The weighted least-squares line of ``ys`` on ``ts`` (floor 0: the caller sets it); None
-    when ``ts`` are all one cycle."""
+def _weighted_design(ts: list[float], ws: list[float]) -> _Trend | None:
+    """What the weighted least-squares line of any losses on the cycles ``ts`` shares (their
+    weights' sums, ``tbar``, ``sxx``; the line itself left at 0 for :func:`_fit_trend` to fill
+    in); None when ``ts`` are all one cycle."""
     weight = sum(ws)
     tbar = sum(w * t for w, t in zip(ws, ts, strict=True)) / weight
-    mean = sum(w * y for w, y in zip(ws, ys, strict=True)) / weight
     dt = [t - tbar for t in ts]
     sxx = sum(w * d * d for w, d in zip(ws, dt, strict=True))
     if sxx <= 0:
         return None
-    slope = sum(w * d * (y - mean) for w, d, y in zip(ws, dt, ys, strict=True)) / sxx
-    rss = sum(w * (y - mean - slope * d) ** 2 for w, d, y in zip(ws, dt, ys, strict=True))
     w2 = [w * w for w in ws]
     return _Trend(
         floor=0.0,
-        mean=mean,
-        slope=slope,
+        mean=0.0,
+        slope=0.0,
         tbar=tbar,
         sxx=sxx,
-        rss=max(rss, 1e-12 * weight),
+        rss=0.0,
         n=len(ts),
         weight=weight,
         w2=sum(w2),
