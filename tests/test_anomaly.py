@@ -567,3 +567,28 @@ def test_restart_on_stall_restarts_the_strategy_from_the_best_candidate(
     best = job.progress.best_candidate
     assert best is not None
     assert state["x0"] == pytest.approx(list(job.space.encode([best])[0]), abs=1e-9)
+
+
+def _levelling_off(seed: int) -> list[CycleRecord]:
+    """A job that closes in on its floor fast (gap x0.74 a cycle) and levels off at 0.5% of its
+    first gap (log-gap noise 0.4): a bend in its convergence, no anomaly."""
+    rng = random.Random(seed)
+    best = math.inf
+    out = []
+    for cycle in range(1, 81):
+        batch = 100 + 1000 * (math.exp(-0.3 * cycle) + 0.005) * math.exp(rng.gauss(0, 0.4))
+        improved, best = batch < best, min(best, batch)
+        out.append(CycleRecord(cycle, 32, 0, 0, batch, best, improved, duration=2.0, eval_seconds=8.0))
+    return out
+
+
+def test_the_regression_trend_follows_a_job_that_levels_off() -> None:
+    """One line through all 32 batch bests of a job that bent (levelled off) puts the floor just
+    under the lowest batch, and ordinary batches look far above the trend; a trend that weighs
+    recent batches more (half-life 16 cycles) follows the bend and calls far fewer regressions."""
+
+    def regressions(**kwargs: object) -> int:
+        return sum(f.kind == "regression" for seed in range(60) for f in run(_levelling_off(seed), **kwargs))
+
+    local, flat = regressions(), regressions(config=DetectorConfig(regression_half_life=None))
+    assert 2 * local <= flat, (local, flat)

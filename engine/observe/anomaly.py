@@ -61,15 +61,18 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     trend, in ``regression_cycles`` of the last ``regression_cycles + 1`` cycles -- the search
     lost ground (a diverging step size, a bad restart, a changed problem). The trend: a floor
     ``f`` approached geometrically, ``log(batch best - f)`` linear in the cycle with normal noise,
-    fitted (``f`` by profile likelihood) on the last ``regression_fit_window`` normal batch bests:
-    it follows a job that shrinks its gap tenfold in a few cycles, where a median of raw batch
-    bests lags far behind, and one that levels off (a floor reached). Markedly: the batch best's
+    fitted (``f`` by profile likelihood) on the last ``regression_fit_window`` normal batch bests,
+    the older ones weighing less (half as much ``regression_half_life`` cycles back): it follows a
+    job that shrinks its gap tenfold in a few cycles, where a median of raw batch bests lags far
+    behind, and one that levels off or stalls (a bend one line through all of them misses, its
+    floor then hugging the lowest batch so that ordinary ones look far above). Markedly: the batch best's
     log height above ``f`` lies ``regression_z`` prediction deviations above the line at the last
     normal cycle (not extrapolated to this one: a regression loses ground against where the job
     was, a stall only stops gaining), *and* ``regression_min_excess`` level-to-best gaps above the
     median of the last ``regression_level`` normal batch bests (worse than the job just was). A
-    batch above the trend but short of the bound is learned only if no worse one follows soon,
-    so a regression's first batches do not widen the noise its later ones are judged by.
+    batch above the trend but short of the bound is learned (into the trend and that level) only
+    if no worse one follows soon, so a regression's first batches do not widen the noise its later
+    ones are judged by, nor raise the level they are compared with.
 
 A stall and a regression share symptoms (a search that lost ground makes no progress; a stalled
 population's batch bests wander, and spread wider when it moves again), so one is not reported
@@ -103,7 +106,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 from engine.core.cycle import CycleRecord
@@ -228,6 +231,11 @@ class DetectorConfig:
     where its trend was heading (a stall)."""
     regression_level: int = 3
     """Recent normal batch bests whose median is that level."""
+    regression_half_life: float | None = 16.0
+    """The trend weighs each batch best by ``0.5 ** (age / regression_half_life)`` (age in cycles
+    from the last one; None: all alike), so it follows a job whose convergence bends -- one that
+    levels off at a floor or stalls -- where one line through all 32 makes the fitted floor hug
+    the lowest batch and ordinary batches look far above the trend."""
     regression_hold_z: float = 2.5
     """A batch this many deviations above the trend (but not markedly worse) is learned only once
     ``regression_cycles`` more cycles passed without a worse one: the first batches of a regression
@@ -292,7 +300,7 @@ class DetectorConfig:
             elif isinstance(default, int) and not isinstance(default, bool):
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ValueError(f"{name} must be a whole number, got {value!r}")
-            elif value is not None or name != "max_cycle_seconds":
+            elif value is not None or name not in ("max_cycle_seconds", "regression_half_life"):
                 if not _is_number(value):
                     raise ValueError(f"{name} must be a number, got {value!r}")
                 value = float(value)
@@ -362,6 +370,8 @@ class DetectorConfig:
             raise ValueError(
                 "regression_z, regression_hold_z, timing_z and timing_min_ratio must be positive"
             )
+        if self.regression_half_life is not None and self.regression_half_life <= 0:
+            raise ValueError(f"regression_half_life must be positive, got {self.regression_half_life}")
         if self.regression_min_excess < 0:
             raise ValueError(f"regression_min_excess must not be negative, got {self.regression_min_excess}")
         if not 4 <= self.regression_warmup <= self.regression_fit_window:
@@ -426,7 +436,6 @@ class AnomalyDetector:
         self._stall_batch: deque[float] = deque(maxlen=4 * c.stall_cycles)  # the last batch bests
         self._batches: deque[tuple[int, float]] = deque(maxlen=2 * max(c.stall_max_cycles, c.stall_cycles))
         self._spreads: deque[float] = deque(maxlen=c.timing_window)  # their usual relative spread
-        self._batch: deque[float] = deque(maxlen=max(12, c.regression_level))  # the last normal batch bests
         self._trend: list[tuple[int, float]] = []  # (cycle, loss): the normal batch bests of the trend
         self._held: deque[tuple[int, float]] = deque()  # suspect ones, learned if no regression follows
         self._best_before: float | None = None
@@ -973,9 +982,8 @@ class AnomalyDetector:
         c = self.config
         loss = self._loss(record.batch_best_score)
         best, self._best_before = self._best_before, self._loss(record.best_score)
-        if loss is None or best is None or len(self._batch) < 3:
+        if loss is None or best is None or len(self._trend) < 3:
             if loss is not None:
-                self._batch.append(loss)
                 self._learn_trend((record.cycle, loss))
             return None
         episode = self._episodes["regression"]
@@ -983,7 +991,7 @@ class AnomalyDetector:
         # best's excess over it in units of that level's height above the best (or of the recent
         # batch-to-batch noise, if larger: recent, as a fast job's first steps are thousands of
         # times its last). A new best, or a batch under that level, is not worse (and spares the fit).
-        recent = list(self._batch)
+        recent = [b for _, b in self._trend[-c.regression_level - 2 :]]
         level = statistics.median(recent[-c.regression_level :])
         steps = [abs(b - a) for a, b in itertools.pairwise(recent[-c.regression_level - 2 :])]
         scale = max(level - best, _MAD_TO_SIGMA * statistics.median(steps) / math.sqrt(2))
@@ -1000,7 +1008,6 @@ class AnomalyDetector:
         while self._held and self._held[0][0] < record.cycle - c.regression_cycles:
             self._learn_trend(self._held.popleft())
         if not worse and not self._episodes["stall"].open:
-            self._batch.append(loss)
             if trend is not None and trend["z"] > c.regression_hold_z:
                 self._held.append((record.cycle, loss))
             else:
@@ -1056,7 +1063,13 @@ class AnomalyDetector:
             return None
         bs = [b for _, b in self._trend]
         low = min(min(bs), best)
-        trend = _fit_trend(self._trend, below=low, unit=statistics.median(bs) - low, decades=(-3.0, 3.0))
+        trend = _fit_trend(
+            self._trend,
+            below=low,
+            unit=statistics.median(bs) - low,
+            decades=(-3.0, 3.0),
+            half_life=self.config.regression_half_life,
+        )
         if trend is None or loss <= trend.floor:
             return None
         last = self._trend[-1][0]
@@ -1220,17 +1233,36 @@ class _Trend:
     sxx: float
     rss: float
     n: int
+    weight: float = 0.0
+    """With weights (see :func:`_weighted_design`): their sum, and those of their squares..."""
+    w2: float = 0.0
+    w2d: float = 0.0
+    """...times the cycle's distance from ``tbar``..."""
+    w2dd: float = 0.0
+    """...and its square; ``tbar``, ``sxx`` and ``rss`` are then weighted."""
 
     def log_height(self, cycle: float) -> float:
         """The line's ``log(loss - floor)`` at ``cycle``."""
         return self.mean + self.slope * (cycle - self.tbar)
 
+    @property
+    def dof(self) -> float:
+        """The noise's degrees of freedom: ``n - 3`` (the line and the floor), ``n`` the effective
+        number of losses with weights (``(sum w)^2 / sum w^2``)."""
+        n = self.weight**2 / self.w2 if self.weight else self.n
+        return max(n - 3, 1.0)
+
     def deviation(self, cycle: float) -> float:
         """The deviation of a new loss's log height at ``cycle`` around the line (the prediction's:
-        ``s sqrt(1 + 1/n + d^2/Sxx)``, ``s`` on ``n - 3`` degrees of freedom)."""
+        ``s sqrt(1 + 1/n + d^2/Sxx)``, ``s`` on ``n - 3`` degrees of freedom; with weights, the
+        variance of the weighted line's value at ``cycle`` in place of ``1/n + d^2/Sxx``)."""
         d = cycle - self.tbar
-        s = math.sqrt(self.rss / max(self.n - 3, 1))
-        return s * math.sqrt(1 + 1 / self.n + d * d / self.sxx)
+        if not self.weight:
+            s = math.sqrt(self.rss / max(self.n - 3, 1))
+            return s * math.sqrt(1 + 1 / self.n + d * d / self.sxx)
+        s = math.sqrt(self.rss / self.weight * (self.dof + 3) / self.dof)
+        line = self.w2 / self.weight**2 + 2 * d * self.w2d / (self.weight * self.sxx)
+        return s * math.sqrt(1 + line + d * d * self.w2dd / self.sxx**2)
 
 
 def _fit_trend(
@@ -1240,6 +1272,7 @@ def _fit_trend(
     unit: float,
     decades: tuple[float, float],
     trim: float | None = None,
+    half_life: float | None = None,
 ) -> _Trend | None:
     """The convergence under which the losses ``points`` (cycle, loss) are most likely.
 
@@ -1250,19 +1283,34 @@ def _fit_trend(
     counting the Jacobian of the log -- over floors ``unit * 10**g`` under ``below`` (at most the
     lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades, refined by
     golden-section search between the best one's neighbours. With ``trim``, losses more than
-    that many robust deviations above the line (the odd bad batch) are left out of it. None when
+    that many robust deviations above the line (the odd bad batch) are left out of it. With
+    ``half_life``, each loss weighs ``0.5 ** (age / half_life)`` (age from the last point's cycle)
+    in the line, its noise and the likelihood: a local fit that follows a bend. None when
     the losses did not move (``unit`` is not positive) or span a single cycle.
     """
     if unit <= 0 or len(points) < 3:
         return None
     ts = [float(t) for t, _ in points]
     losses = [b for _, b in points]
+    weights = None if half_life is None else [0.5 ** ((ts[-1] - t) / half_life) for t in ts]
+    design = None if weights is None else _weighted_design(ts, weights)
+    if weights is not None and design is None:
+        return None
+    dts = [] if design is None else [t - design.tbar for t in ts]
 
     def fit(g: float) -> tuple[float, _Trend] | None:
         floor = below - unit * 10.0**g
         if floor >= below:
             return None  # under the float resolution of the losses
         ys = [math.log(b - floor) for b in losses]
+        if weights is not None and design is not None:
+            wys = [w * y for w, y in zip(weights, ys, strict=True)]
+            mean = sum(wys) / design.weight
+            slope = sum(d * v for d, v in zip(dts, wys, strict=True)) / design.sxx
+            rss = sum(w * (y - mean - slope * d) ** 2 for w, d, y in zip(weights, dts, ys, strict=True))
+            rss = max(rss, 1e-12 * design.weight)
+            likelihood = -0.5 * design.weight * math.log(rss / design.weight) - sum(wys)
+            return likelihood, replace(design, floor=floor, mean=mean, slope=slope, rss=rss)
         keep = list(range(len(ys)))
         line = _least_squares([ts[i] for i in keep], [ys[i] for i in keep])
         if line is None:
@@ -1308,6 +1356,32 @@ def _fit_trend(
         if candidate is not None and candidate[0] > chosen[0]:
             chosen = candidate
     return chosen[1]
+
+
+def _weighted_design(ts: list[float], ws: list[float]) -> _Trend | None:
+    """What the weighted least-squares line of any losses on the cycles ``ts`` shares (their
+    weights' sums, ``tbar``, ``sxx``; the line itself left at 0 for :func:`_fit_trend` to fill
+    in); None when ``ts`` are all one cycle."""
+    weight = sum(ws)
+    tbar = sum(w * t for w, t in zip(ws, ts, strict=True)) / weight
+    dt = [t - tbar for t in ts]
+    sxx = sum(w * d * d for w, d in zip(ws, dt, strict=True))
+    if sxx <= 0:
+        return None
+    w2 = [w * w for w in ws]
+    return _Trend(
+        floor=0.0,
+        mean=0.0,
+        slope=0.0,
+        tbar=tbar,
+        sxx=sxx,
+        rss=0.0,
+        n=len(ts),
+        weight=weight,
+        w2=sum(w2),
+        w2d=sum(v * d for v, d in zip(w2, dt, strict=True)),
+        w2dd=sum(v * d * d for v, d in zip(w2, dt, strict=True)),
+    )
 
 
 def _fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
