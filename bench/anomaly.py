@@ -52,7 +52,7 @@ noise (how wide the batch bests still spread) tells from a floor.
 
 Progress goes to stderr; the last stdout line is one JSON object. From the repository root::
 
-    .venv/bin/python bench/anomaly.py              # 600 runs, a few seconds
+    .venv/bin/python bench/anomaly.py              # 600 runs, ~10 s
     .venv/bin/python bench/anomaly.py --runs 100 --seed 7
     .venv/bin/python bench/anomaly.py --plateau 0.5    # half the normal runs level off
 """
