@@ -941,23 +941,15 @@ class AnomalyDetector:
 
     def _floor_share(self, best: float, until: int) -> float | None:
         """The share of the way from the first best to the job's floor left at ``best``, the floor
-        fitted (:func:`_fit_trend`) to the batch bests up to cycle ``until`` -- a stall's own
+        fitted (:func:`_fit_floor`) to the batch bests up to cycle ``until`` -- a stall's own
         batches would pull it up to where the job froze -- or None with fewer than
         ``3 * stall_cycles`` of them (the first few batches of a noisy job can look levelled
         off). Fitted once per last improvement."""
         assert self._first is not None
         if self._floor_fit is None or self._floor_fit[0] != until:
             points = [(cycle, b) for cycle, b in self._history if cycle <= until]
-            trend = None
-            if len(points) >= 3 * self.config.stall_cycles:
-                # Floors 0.03 to 30,000 median batch-to-batch steps under the lowest, bad batches out.
-                losses = [b for _, b in points]
-                low = min(losses)
-                unit = (
-                    statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) or max(losses) - low
-                )
-                trend = _fit_trend(points, below=low, unit=unit, decades=(-1.5, 4.5), trim=3.0)
-            self._floor_fit = (until, None if trend is None else trend.floor)
+            enough = len(points) >= 3 * self.config.stall_cycles
+            self._floor_fit = (until, _fit_floor(points) if enough else None)
         floor = self._floor_fit[1]
         if floor is None or self._first[1] <= floor:
             return None
@@ -1051,14 +1043,13 @@ class AnomalyDetector:
 
         The model: a normal batch best is ``f + exp(a - r t + e)``, ``e`` normal with sd ``s`` --
         a floor ``f`` approached geometrically, with a noise proportional to the gap (what the
-        batch bests of a converging search do, and a levelled-off one with ``r = 0``). For a given
-        ``f`` the line is least squares on ``log(b - f)``; ``f`` maximises the profile likelihood
-        ``-n/2 log(RSS) - sum log(b - f)`` (the last term the Jacobian of the log) over a grid of
-        ``f`` below the lowest batch best, in steps of a factor ``10 ** 0.5`` of its distance,
-        refined by golden-section search. ``loss`` is judged against the line at the *last normal
-        cycle*, not extrapolated to this one: a regression loses ground against where the job
-        was; a stall only stops gaining (and a trend that batches stopped feeding does not drift).
-        The deviation is the prediction's, ``s sqrt(1 + 1/n + d^2/Sxx)``, ``s`` on n - 3 degrees.
+        batch bests of a converging search do, and a levelled-off one with ``r = 0``), fitted by
+        :func:`_fit_trend` with the batch bests weighted by age (``regression_half_life``: one line
+        cannot follow a job that bends over into its floor), the floor searched 0.001 to 1,000
+        median heights under the lowest batch best. ``loss`` is judged against the line at the
+        *last normal cycle*, not extrapolated to this one: a regression loses ground against where
+        the job was; a stall only stops gaining (and a trend that batches stopped feeding does not
+        drift). The deviation is the prediction's (:meth:`_Trend.deviation`).
         """
         if len(self._trend) < self.config.regression_warmup:
             return None
@@ -1444,11 +1435,6 @@ def _wilson_bounds(successes: float, trials: float, z: float = 1.645) -> tuple[f
     margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
     scale = 1 + z * z / trials
     return max((centre - margin) / scale, 1e-6), min((centre + margin) / scale, 1.0)
-
-
-def _quantile(values: Iterable[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _robust_z(value: float, sample: Iterable[float], sigma_floor: float) -> tuple[float, float]:
