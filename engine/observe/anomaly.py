@@ -683,22 +683,21 @@ class AnomalyDetector:
             needed = min(needed, c.stall_cycles)
         if since < needed:
             return None
-        far, why = self._far_from_goal(best, last)
-        if not far:
-            return None
-        return {
-            "message": (
-                f"cycle {record.cycle}: no improvement for {since} cycles (best {record.best_score:.6g}), "
-                f"where it improved in {rate:.0%} of cycles before; {why}"
-            ),
-            "cycles_without_improvement": since,
-            "needed_cycles": needed,
-            "improvement_rate": rate,
-            "spread_vs_usual": collapsed,
-            "best_score": record.best_score,
-            "target": self.target,
-            "reason": why,
-        }
+        message = (
+            f"cycle {record.cycle}: no improvement for {since} cycles (best {record.best_score:.6g}), "
+            f"where it improved in {rate:.0%} of cycles before"
+        )
+        return self._if_far(
+            record,
+            best,
+            message,
+            {
+                "cycles_without_improvement": since,
+                "needed_cycles": needed,
+                "improvement_rate": rate,
+                "spread_vs_usual": collapsed,
+            },
+        )
 
     def _slowdown_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
         """A stall that still draws the odd lucky batch: the job improved in far fewer of its last
@@ -721,24 +720,18 @@ class AnomalyDetector:
             tail = _beta_binomial_cdf(recent, w, before + 0.5, trials - before + 0.5)
             flat = tail < c.stall_slowdown_flat_alpha and self._hovering(best, now - w)
             if tail < c.stall_slowdown_alpha or flat:
-                far, why = self._far_from_goal(best, self._improvements[-1][0], start - 1)
-                if not far:
-                    return None
-                return {
-                    "message": (
-                        f"cycle {now}: improved in {recent} of the last {w} cycles "
-                        f"(best {record.best_score:.6g}), where it improved in {before} of the {trials} "
-                        f"before; {why}"
-                    ),
+                message = (
+                    f"cycle {now}: improved in {recent} of the last {w} cycles "
+                    f"(best {record.best_score:.6g}), where it improved in {before} of the {trials} before"
+                )
+                evidence = {
                     "cycles_without_improvement": now - self._improvements[-1][0],
                     "window": w,
                     "improvements_in_window": recent,
                     "improvement_rate": before / trials,
                     "probability": tail,
-                    "best_score": record.best_score,
-                    "target": self.target,
-                    "reason": why,
                 }
+                return self._if_far(record, best, message, evidence, until=start - 1)
         return None
 
     def _learn_ranks(self, cycle: int, loss: float) -> None:
@@ -795,22 +788,14 @@ class AnomalyDetector:
         if shortfall is None or shortfall["z"] <= self.config.stall_rank_z:
             return None
         start = self._rank_cycles[len(self._rank_cycles) - shortfall["window"]]
-        far, why = self._far_from_goal(best, self._improvements[-1][0], start - 1)
-        if not far:
-            return None
-        return {
-            "message": (
-                f"cycle {record.cycle}: the last {shortfall['window']} batch bests lost the job's trend "
-                f"(rank sum {shortfall['rank_sum']:+.0f} where its pace predicts "
-                f"{shortfall['expected_rank_sum']:+.0f}, {shortfall['z']:.1f} deviations short; "
-                f"best {record.best_score:.6g}); {why}"
-            ),
-            "cycles_without_improvement": record.cycle - self._improvements[-1][0],
-            **shortfall,
-            "best_score": record.best_score,
-            "target": self.target,
-            "reason": why,
-        }
+        message = (
+            f"cycle {record.cycle}: the last {shortfall['window']} batch bests lost the job's trend "
+            f"(rank sum {shortfall['rank_sum']:+.0f} where its pace predicts "
+            f"{shortfall['expected_rank_sum']:+.0f}, {shortfall['z']:.1f} deviations short; "
+            f"best {record.best_score:.6g})"
+        )
+        evidence = {"cycles_without_improvement": record.cycle - self._improvements[-1][0], **shortfall}
+        return self._if_far(record, best, message, evidence, until=start - 1)
 
     def _flat_evidence(self, record: CycleRecord, best: float) -> dict[str, Any] | None:
         """A stall seen as no trend at all: after ``stall_cycles`` without improvement, the last
@@ -839,21 +824,13 @@ class AnomalyDetector:
         z = total / math.sqrt(w * (w - 1) * (2 * w + 5) / 18)
         if z >= c.stall_flat_z:
             return None
-        far, why = self._far_from_goal(best, last)
-        if not far:
-            return None
-        return {
-            "message": (
-                f"cycle {record.cycle}: the last {w} batch bests show no trend (Mann-Kendall "
-                f"{z:.1f} deviations; best {record.best_score:.6g}); {why}"
-            ),
-            "cycles_without_improvement": record.cycle - last,
-            "window": w,
-            "z": z,
-            "best_score": record.best_score,
-            "target": self.target,
-            "reason": why,
-        }
+        message = (
+            f"cycle {record.cycle}: the last {w} batch bests show no trend (Mann-Kendall "
+            f"{z:.1f} deviations; best {record.best_score:.6g})"
+        )
+        return self._if_far(
+            record, best, message, {"cycles_without_improvement": record.cycle - last, "window": w, "z": z}
+        )
 
     def _hovering(self, best: float, after: int) -> bool:
         """Whether the batch bests since cycle ``after`` stopped closing in on the best: the median
@@ -892,6 +869,28 @@ class AnomalyDetector:
             return None
         relative = spread / max(statistics.median(self._spreads), 1e-12)
         return relative if relative < c.stall_collapse_ratio else None
+
+    def _if_far(
+        self,
+        record: CycleRecord,
+        best: float,
+        message: str,
+        evidence: dict[str, Any],
+        until: int | None = None,
+    ) -> dict[str, Any] | None:
+        """A stall's evidence -- ``message`` with the reason it is far from its goal, ``evidence``,
+        the best and the target -- if the job is still far from its goal (:meth:`_far_from_goal`,
+        ``until`` the cycle before the window that lost the pace), else None."""
+        far, why = self._far_from_goal(best, self._improvements[-1][0], until)
+        if not far:
+            return None
+        return {
+            "message": f"{message}; {why}",
+            **evidence,
+            "best_score": record.best_score,
+            "target": self.target,
+            "reason": why,
+        }
 
     def _far_from_goal(
         self, best: float, last_improvement: int, until: int | None = None
