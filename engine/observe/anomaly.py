@@ -118,6 +118,7 @@ ANOMALY_KINDS: Final = ("failure_burst", "stall", "regression", "slow_cycle", "t
 
 _MAD_TO_SIGMA = 1.4826
 _GOLDEN = (math.sqrt(5) - 1) / 2
+_FLOOR_POINTS = 200  # the last batch bests a stall's floor is fitted to
 _FLOOR_REFINE_STEPS = 6  # golden-section steps that refine a trend's floor around the best grid step
 _NORMAL = statistics.NormalDist()
 
@@ -434,8 +435,12 @@ class AnomalyDetector:
         self._first: tuple[int, float] | None = None  # the first scored cycle and its best
         self._improvements: list[tuple[int, float]] = []  # (cycle, best) of every improvement
         self._resumed = 0  # improvements since a stall was reported
-        self._stall_batch: deque[float] = deque(maxlen=4 * c.stall_cycles)  # the last batch bests
-        self._batches: deque[tuple[int, float]] = deque(maxlen=2 * max(c.stall_max_cycles, c.stall_cycles))
+        # (cycle, batch best) of the last scored cycles: the last _FLOOR_POINTS make the floor fit,
+        # the last 4 * stall_cycles the collapse test, the last _recent_span the other stall tests
+        self._recent_span = 2 * max(c.stall_max_cycles, c.stall_cycles)
+        self._history: deque[tuple[int, float]] = deque(
+            maxlen=max(_FLOOR_POINTS, self._recent_span, 4 * c.stall_cycles)
+        )
         self._spreads: deque[float] = deque(maxlen=c.timing_window)  # their usual relative spread
         self._trend: list[tuple[int, float]] = []  # (cycle, loss): the normal batch bests of the trend
         self._held: deque[tuple[int, float]] = deque()  # suspect ones, learned if no regression follows
@@ -451,7 +456,6 @@ class AnomalyDetector:
         self._rank_recent: deque[float] = deque(maxlen=self._rank_lags)
         self._rank_cycles: deque[int] = deque(maxlen=self._rank_cumulative.maxlen)  # their cycles
         self._floor_fit: tuple[int, float | None] | None = None  # (up to cycle, floor): _floor_share
-        self._history: deque[tuple[int, float]] = deque(maxlen=200)  # batch bests the floor is fitted to
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         # timing
         self._timing = _Timing(
@@ -608,13 +612,11 @@ class AnomalyDetector:
             return None
         batch = self._loss(record.batch_best_score)
         if batch is not None:
-            self._stall_batch.append(batch)
-            if self._batches:
-                step = abs(batch - self._batches[-1][1])
+            if self._history:
+                step = abs(batch - self._history[-1][1])
                 if len(self._first_steps) < self.config.stall_spread_window // 2:
                     self._first_steps.append(step)
                 self._recent_steps.append(step)
-            self._batches.append((record.cycle, batch))
             self._history.append((record.cycle, batch))
             self._learn_ranks(record.cycle, batch)
         if self._first is None:
@@ -657,9 +659,10 @@ class AnomalyDetector:
         A stalled population keeps the level it froze at; one that lost ground regressed."""
         c = self.config
         last = self._improvements[-1][0]
-        before = [b for cycle, b in self._batches if cycle <= last][-c.stall_level :]
-        after = [b for cycle, b in self._batches if cycle > last]
-        steps = [abs(b - a) for (_, a), (cycle, b) in itertools.pairwise(self._batches) if cycle <= last]
+        batches = self._last_batches(self._recent_span)
+        before = [b for cycle, b in batches if cycle <= last][-c.stall_level :]
+        after = [b for cycle, b in batches if cycle > last]
+        steps = [abs(b - a) for (_, a), (cycle, b) in itertools.pairwise(batches) if cycle <= last]
         if len(before) < 3 or len(after) < 3 or len(steps) < c.stall_cycles:
             return False
         noise = _MAD_TO_SIGMA * statistics.median(steps[-c.stall_window :]) / math.sqrt(2)
@@ -812,7 +815,7 @@ class AnomalyDetector:
         last = self._improvements[-1][0]
         if record.cycle - last < c.stall_cycles or len(self._history) < w:
             return None
-        window = list(itertools.islice(self._history, len(self._history) - w, None))
+        window = self._last_batches(w)
         start = window[0][0]
         if any(ended is not None and start <= ended for ended in (self._regression_ended, self._stall_ended)):
             return None  # a regression's batches lost the trend for that; a reported stall's, too
@@ -832,11 +835,16 @@ class AnomalyDetector:
             record, best, message, {"cycles_without_improvement": record.cycle - last, "window": w, "z": z}
         )
 
+    def _last_batches(self, count: int) -> list[tuple[int, float]]:
+        """The (cycle, batch best) of the last ``count`` scored cycles, oldest first."""
+        return list(itertools.islice(self._history, max(len(self._history) - count, 0), None))
+
     def _hovering(self, best: float, after: int) -> bool:
         """Whether the batch bests since cycle ``after`` stopped closing in on the best: the median
         log height above it over the later half of them is within ``stall_trend_margin`` of the
         earlier half's (a converging job's batch bests keep closing in, whatever the noise)."""
-        heights = [math.log(b - best) for cycle, b in self._batches if cycle > after and b > best]
+        batches = self._last_batches(self._recent_span)
+        heights = [math.log(b - best) for cycle, b in batches if cycle > after and b > best]
         half = len(heights) // 2
         if half < 3:
             return False
@@ -851,7 +859,7 @@ class AnomalyDetector:
         and drops when the search collapses onto a point that is not getting better.
         """
         c = self.config
-        recent = list(self._stall_batch)
+        recent = [b for _, b in self._last_batches(4 * c.stall_cycles)]
         # Judged over the whole dry spell (more batches, a steadier median); learned over the
         # last stall_cycles + 1 while the job improves.
         recent = recent[-max(c.stall_cycles + 1, min(since, len(recent))) :]
@@ -946,7 +954,7 @@ class AnomalyDetector:
         off). Fitted once per last improvement."""
         assert self._first is not None
         if self._floor_fit is None or self._floor_fit[0] != until:
-            points = [(cycle, b) for cycle, b in self._history if cycle <= until]
+            points = [(cycle, b) for cycle, b in self._last_batches(_FLOOR_POINTS) if cycle <= until]
             enough = len(points) >= 3 * self.config.stall_cycles
             self._floor_fit = (until, _fit_floor(points) if enough else None)
         floor = self._floor_fit[1]
