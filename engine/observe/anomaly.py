@@ -1223,7 +1223,10 @@ def _timing_message(kind: str, cycle: int, cycles: int, e: dict[str, Any]) -> st
 @dataclass(frozen=True, slots=True)
 class _Trend:
     """A job's fitted convergence (:func:`_fit_trend`): ``log(loss - floor)`` a line in the cycle,
-    through ``mean`` at ``tbar`` with ``slope``, leaving ``rss`` over ``n`` losses."""
+    through ``mean`` at ``tbar`` with ``slope``, leaving a weighted ``rss``. Each loss has a weight
+    (1 unless :func:`_fit_trend` is given a half-life); ``weight`` is their sum, ``w2`` that of
+    their squares, ``w2d`` and ``w2dd`` that of their squares times the cycle's distance from
+    ``tbar`` and its square, ``sxx`` the weighted sum of those squared distances."""
 
     floor: float
     mean: float
@@ -1231,35 +1234,23 @@ class _Trend:
     tbar: float
     sxx: float
     rss: float
-    n: int
-    weight: float = 0.0
-    """With weights (see :func:`_weighted_design`): their sum, and those of their squares..."""
-    w2: float = 0.0
-    w2d: float = 0.0
-    """...times the cycle's distance from ``tbar``..."""
-    w2dd: float = 0.0
-    """...and its square; ``tbar``, ``sxx`` and ``rss`` are then weighted."""
+    weight: float
+    w2: float
+    w2d: float
+    w2dd: float
 
     def log_height(self, cycle: float) -> float:
         """The line's ``log(loss - floor)`` at ``cycle``."""
         return self.mean + self.slope * (cycle - self.tbar)
 
-    @property
-    def dof(self) -> float:
-        """The noise's degrees of freedom: ``n - 3`` (the line and the floor), ``n`` the effective
-        number of losses with weights (``(sum w)^2 / sum w^2``)."""
-        n = self.weight**2 / self.w2 if self.weight else self.n
-        return max(n - 3, 1.0)
-
     def deviation(self, cycle: float) -> float:
-        """The deviation of a new loss's log height at ``cycle`` around the line (the prediction's:
-        ``s sqrt(1 + 1/n + d^2/Sxx)``, ``s`` on ``n - 3`` degrees of freedom; with weights, the
-        variance of the weighted line's value at ``cycle`` in place of ``1/n + d^2/Sxx``)."""
+        """The deviation of a new loss's log height at ``cycle`` around the line: the prediction's,
+        the noise on ``n - 3`` degrees of freedom (the line and the floor; ``n`` the effective
+        number of losses, ``(sum w)^2 / sum w^2``) plus the variance of the line's value there
+        (``1/n + d^2/Sxx`` when the weights are all 1)."""
         d = cycle - self.tbar
-        if not self.weight:
-            s = math.sqrt(self.rss / max(self.n - 3, 1))
-            return s * math.sqrt(1 + 1 / self.n + d * d / self.sxx)
-        s = math.sqrt(self.rss / self.weight * (self.dof + 3) / self.dof)
+        dof = max(self.weight**2 / self.w2 - 3, 1.0)
+        s = math.sqrt(self.rss / self.weight * (dof + 3) / dof)
         line = self.w2 / self.weight**2 + 2 * d * self.w2d / (self.weight * self.sxx)
         return s * math.sqrt(1 + line + d * d * self.w2dd / self.sxx**2)
 
@@ -1291,45 +1282,34 @@ def _fit_trend(
         return None
     ts = [float(t) for t, _ in points]
     losses = [b for _, b in points]
-    weights = None if half_life is None else [0.5 ** ((ts[-1] - t) / half_life) for t in ts]
-    design = None if weights is None else _weighted_design(ts, weights)
-    if weights is not None and design is None:
+    weights = [1.0] * len(ts) if half_life is None else [0.5 ** ((ts[-1] - t) / half_life) for t in ts]
+    design = _weighted_design(ts, weights)
+    if design is None:
         return None
-    dts = [] if design is None else [t - design.tbar for t in ts]
 
     def fit(g: float) -> tuple[float, _Trend] | None:
         floor = below - unit * 10.0**g
         if floor >= below:
             return None  # under the float resolution of the losses
         ys = [math.log(b - floor) for b in losses]
-        if weights is not None and design is not None:
-            wys = [w * y for w, y in zip(weights, ys, strict=True)]
-            mean = sum(wys) / design.weight
-            slope = sum(d * v for d, v in zip(dts, wys, strict=True)) / design.sxx
-            rss = sum(w * (y - mean - slope * d) ** 2 for w, d, y in zip(weights, dts, ys, strict=True))
-            rss = max(rss, 1e-12 * design.weight)
-            likelihood = -0.5 * design.weight * math.log(rss / design.weight) - sum(wys)
-            return likelihood, replace(design, floor=floor, mean=mean, slope=slope, rss=rss)
-        keep = list(range(len(ys)))
-        line = _least_squares([ts[i] for i in keep], [ys[i] for i in keep])
-        if line is None:
-            return None
+        trend: _Trend | None = _weighted_line(design, ts, weights, ys, floor)
+        kept_ts, kept_ws, kept_ys = ts, weights, ys
         if trim is not None:
-            mean, slope, tbar, _, _ = line
-            residuals = [y - mean - slope * (t - tbar) for t, y in zip(ts, ys, strict=True)]
+            assert trend is not None
+            residuals = [y - trend.log_height(t) for t, y in zip(ts, ys, strict=True)]
             mad = _MAD_TO_SIGMA * statistics.median(abs(r) for r in residuals)
-            if mad > 0:
-                keep = [i for i, r in enumerate(residuals) if r < trim * mad]
-                line = (
-                    _least_squares([ts[i] for i in keep], [ys[i] for i in keep]) if len(keep) >= 3 else None
-                )
-                if line is None:
+            keep = [i for i, r in enumerate(residuals) if r < trim * mad] if mad > 0 else []
+            if mad > 0 and len(keep) < len(ys):
+                if len(keep) < 3:
                     return None
-        mean, slope, tbar, sxx, rss = line
-        n = len(keep)
-        rss = max(rss, 1e-12 * n)
-        likelihood = -0.5 * n * math.log(rss / n) - sum(ys[i] for i in keep)
-        return likelihood, _Trend(floor, mean, slope, tbar, sxx, rss, n)
+                kept_ts, kept_ws = [ts[i] for i in keep], [weights[i] for i in keep]
+                kept_ys = [ys[i] for i in keep]
+                kept = _weighted_design(kept_ts, kept_ws)
+                trend = None if kept is None else _weighted_line(kept, kept_ts, kept_ws, kept_ys, floor)
+        if trend is None:
+            return None
+        jacobian = sum(w * y for w, y in zip(kept_ws, kept_ys, strict=True))
+        return -0.5 * trend.weight * math.log(trend.rss / trend.weight) - jacobian, trend
 
     grid = [decades[0] + k / 2 for k in range(int(2 * (decades[1] - decades[0])) + 1)]
     fits = [fit(g) for g in grid]
@@ -1359,8 +1339,8 @@ def _fit_trend(
 
 def _weighted_design(ts: list[float], ws: list[float]) -> _Trend | None:
     """What the weighted least-squares line of any losses on the cycles ``ts`` shares (their
-    weights' sums, ``tbar``, ``sxx``; the line itself left at 0 for :func:`_fit_trend` to fill
-    in); None when ``ts`` are all one cycle."""
+    weights' sums, ``tbar``, ``sxx``; the line itself left at 0 for :func:`_weighted_line` to
+    fill in); None when ``ts`` are all one cycle."""
     weight = sum(ws)
     tbar = sum(w * t for w, t in zip(ws, ts, strict=True)) / weight
     dt = [t - tbar for t in ts]
@@ -1375,12 +1355,22 @@ def _weighted_design(ts: list[float], ws: list[float]) -> _Trend | None:
         tbar=tbar,
         sxx=sxx,
         rss=0.0,
-        n=len(ts),
         weight=weight,
         w2=sum(w2),
         w2d=sum(v * d for v, d in zip(w2, dt, strict=True)),
         w2dd=sum(v * d * d for v, d in zip(w2, dt, strict=True)),
     )
+
+
+def _weighted_line(design: _Trend, ts: list[float], ws: list[float], ys: list[float], floor: float) -> _Trend:
+    """The weighted least-squares line of ``ys`` (log heights above ``floor``) on the cycles
+    ``ts`` of ``design``."""
+    dts = [t - design.tbar for t in ts]
+    wys = [w * y for w, y in zip(ws, ys, strict=True)]
+    mean = sum(wys) / design.weight
+    slope = sum(d * v for d, v in zip(dts, wys, strict=True)) / design.sxx
+    rss = sum(w * (y - mean - slope * d) ** 2 for w, d, y in zip(ws, dts, ys, strict=True))
+    return replace(design, floor=floor, mean=mean, slope=slope, rss=max(rss, 1e-12 * design.weight))
 
 
 def _fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
@@ -1392,21 +1382,6 @@ def _fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
     unit = statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) or max(losses) - low
     trend = _fit_trend(points, below=low, unit=unit, decades=(-1.5, 4.5), trim=3.0)
     return None if trend is None else trend.floor
-
-
-def _least_squares(ts: list[float], ys: list[float]) -> tuple[float, float, float, float, float] | None:
-    """(mean of ``ys``, slope, mean of ``ts``, Sxx, residual sum of squares) of the least-squares
-    line of ``ys`` on ``ts``; None when ``ts`` are all one cycle."""
-    n = len(ts)
-    tbar, mean = sum(ts) / n, sum(ys) / n
-    dt = [t - tbar for t in ts]
-    sxx = sum(d * d for d in dt)
-    if sxx <= 0:
-        return None
-    sxy = sum(d * (y - mean) for d, y in zip(dt, ys, strict=True))
-    syy = sum((y - mean) ** 2 for y in ys)
-    slope = sxy / sxx
-    return mean, slope, tbar, sxx, max(syy - sxy * slope, 0.0)
 
 
 def _is_number(value: object) -> bool:
