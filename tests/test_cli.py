@@ -27,8 +27,13 @@ def job_rows(env: dict[str, str]) -> list[tuple]:
     db = Path(env["IRE_HOME"]) / "irefine.db"
     if not db.exists():
         return []
-    with sqlite3.connect(db) as conn:
-        return conn.execute("select id, status, cycles, evaluations from jobs order by id").fetchall()
+    try:
+        with sqlite3.connect(db, timeout=30) as conn:
+            return conn.execute("select id, status, cycles, evaluations from jobs order by id").fetchall()
+    except sqlite3.OperationalError as exc:  # the run has created the file but not yet its tables
+        if "no such table" in str(exc):
+            return []
+        raise
 
 
 # -- help and listings (fast, no Prefect) ---------------------------------------------------------
