@@ -316,14 +316,17 @@ def test_the_floor_fit_finds_where_a_converging_job_levels_off() -> None:
 
 
 def test_a_search_that_lost_ground_is_not_called_stalled() -> None:
-    """Batch bests 3x worse for 6 cycles from cycle 40 (a setback too short and mild for the
-    regression rule here) make no progress, but a stall is a population that keeps its level:
-    nothing is called; without the lost-ground test it was a stall at cycle 43."""
+    """Batch bests 3x worse for 6 cycles from cycle 40 make no progress, but a stall is a
+    population that keeps its level: the regression rule calls it (3 cycles in a row over the
+    hold bound, 2 of them over the bound). With that rule off, nothing is called; without the
+    lost-ground test too, it was a stall at cycle 43."""
     rng = random.Random(50)
     setback = {c: 3 * 100 * math.exp(-0.08 * 39 + rng.gauss(0, 0.3)) for c in range(40, 46)}
     records = normal_series(batch_best_score=setback)
-    assert run(records, target=-20.0) == []
-    unchecked = DetectorConfig(stall_lost_ground=1e9)
+    assert [(f.kind, f.cycle) for f in run(records, target=-20.0)] == [("regression", 42)]
+    no_regression = DetectorConfig(regression_z=1e9)
+    assert run(records, target=-20.0, config=no_regression) == []
+    unchecked = DetectorConfig(regression_z=1e9, stall_lost_ground=1e9)
     assert [(f.kind, f.cycle) for f in run(records, target=-20.0, config=unchecked)] == [("stall", 43)]
 
 
@@ -592,3 +595,26 @@ def test_the_regression_trend_follows_a_job_that_levels_off() -> None:
 
     local, flat = regressions(), regressions(config=DetectorConfig(regression_half_life=None))
     assert 2 * local <= flat, (local, flat)
+
+
+def _cached_series(seed: int, factors: dict[int, float]) -> list[CycleRecord]:
+    """A job whose cache hits vary from 0 to 28 of its 32 candidates a cycle, on workers that are
+    never saturated: its cycle time is steady (times ``factors``), its evaluations per second not."""
+    rng = random.Random(seed)
+    cached = {c: rng.randint(0, 28) for c in range(1, 81)}
+    duration = {c: 2.0 * math.exp(rng.gauss(0, 0.05)) * factors.get(c, 1.0) for c in range(1, 81)}
+    eval_seconds = {c: (32 - cached[c]) * 0.25 * math.exp(rng.gauss(0, 0.03)) for c in range(1, 81)}
+    return normal_series(cached=cached, duration=duration, eval_seconds=eval_seconds)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_an_idle_executor_shows_in_the_cycle_time_when_cache_hits_blur_the_throughput(seed: int) -> None:
+    """Cycles 3x as long for 4 cycles from cycle 40 while each evaluation costs as usual: the
+    evaluations per second jitter by 8x with the cache hits and do not look low, the cycle time
+    does. A cycle with many cache hits computes fewer evaluations in the same time: its
+    evaluations per second drop, but its cycle time did not grow, so the executor was not idle
+    (seeds 2 and 4 had 2-3 such false collapses each when the throughput alone decided)."""
+    findings = run(_cached_series(seed, span(40, 43, 3.0)))
+    assert [(f.kind, f.cycle) for f in findings] == [("throughput_collapse", 42)]
+    assert findings[0].evidence["ratio"] == pytest.approx(1 / 3, rel=0.2)
+    assert run(_cached_series(seed, {})) == []

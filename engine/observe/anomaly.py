@@ -457,6 +457,7 @@ class AnomalyDetector:
         self._rank_cycles: deque[int] = deque(maxlen=self._rank_cumulative.maxlen)  # their cycles
         self._floor_fit: tuple[int, float | None] | None = None  # (up to cycle, floor): _floor_share
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
+        self._suspect: deque[bool] = deque(maxlen=c.regression_cycles)  # ...over regression_hold_z
         # timing
         self._timing = _Timing(
             deque(maxlen=c.timing_window), deque(maxlen=c.timing_window), deque(maxlen=c.timing_window)
@@ -998,7 +999,9 @@ class AnomalyDetector:
         excess = (loss - level) / scale if scale > 1e-12 * max(abs(level), 1.0) else 0.0
         trend = None if loss <= best or excess <= 0 else self._trend_excess(record.cycle, loss, best)
         worse = trend is not None and trend["z"] > c.regression_z and excess > c.regression_min_excess
+        suspect = trend is not None and trend["z"] > c.regression_hold_z and excess > c.regression_min_excess
         self._worse.append(worse)
+        self._suspect.append(suspect)
         # What is learned as normal: not a worse batch, nor one of a stalled search; a suspect one
         # (above the trend, short of the bound) once regression_cycles more passed without a
         # regression starting -- its first batches must not widen the noise its later ones are
@@ -1015,6 +1018,12 @@ class AnomalyDetector:
         # A regressed population still draws the odd normal-looking batch: count the worse
         # cycles among the last regression_cycles + 1, not a strict run.
         episode.run = sum(self._worse)
+        # ...or every one of the last regression_cycles over regression_hold_z, all but one worse:
+        # a noisy job's regression of 4-5 deviations drops one batch under the bound now and then.
+        last_worse = sum(itertools.islice(reversed(self._worse), c.regression_cycles))
+        run_of_suspects = len(self._suspect) == self._suspect.maxlen and all(self._suspect)
+        if run_of_suspects and last_worse >= c.regression_cycles - 1:
+            worse, episode.run = True, max(episode.run, c.regression_cycles)
         if not worse or episode.run < c.regression_cycles:
             return None if not (worse and episode.open) else {"message": ""}
         assert trend is not None
@@ -1176,7 +1185,11 @@ class AnomalyDetector:
             normal_tp, z_tp = _robust_z(log_tp, t.throughput, c.timing_sigma_floor)
             tp_drop, z_tp = normal_tp - log_tp, -z_tp
         slow_stat = z_d > z_bound and slowed > min_excess
-        collapse_stat = tp_drop is not None and z_tp is not None and z_tp > z_bound and tp_drop > min_excess
+        # An idle executor makes the cycle markedly slower, and shows in its time or in its
+        # evaluations per second. Cache hits make the evaluations computed per cycle vary, and
+        # with them the throughput: a cycle that computed few in the usual time was not idle.
+        by_throughput = tp_drop is not None and z_tp is not None and z_tp > z_bound and tp_drop > min_excess
+        collapse_stat = log_tp is not None and slowed > min_excess and (by_throughput or z_d > z_bound)
         # Evaluation seconds per candidate are far steadier than wall time: a marked rise there
         # with a slower cycle is a slow cycle even when wall-time noise hides it.
         if cost_up is not None and not slow_stat:
@@ -1194,12 +1207,17 @@ class AnomalyDetector:
                 "evaluation_cost_ratio": None if cost_up is None else math.exp(cost_up),
             }
         if collapse_stat and not costlier:
-            assert tp_drop is not None and z_tp is not None
+            assert log_tp is not None
+            if z_d > z_bound or tp_drop is None or z_tp is None:
+                # this cycle's evaluations at the usual cycle time, against the time they took
+                normal_tp, drop, z = log_tp + slowed, slowed, z_d
+            else:
+                drop, z = tp_drop, z_tp
             collapse = {
-                "evaluations_per_second": math.exp(normal_tp - tp_drop),
+                "evaluations_per_second": math.exp(normal_tp - drop),
                 "usual_evaluations_per_second": math.exp(normal_tp),
-                "ratio": math.exp(-tp_drop),
-                "robust_z": z_tp,
+                "ratio": math.exp(-drop),
+                "robust_z": z,
                 "evaluation_cost_ratio": None if cost_up is None else math.exp(cost_up),
             }
         return slow, collapse
