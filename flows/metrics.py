@@ -6,14 +6,10 @@ For the whole run it
   background thread and lends the record stage a probe, so every stored cycle carries them;
 - with ``IRE_METRICS_PORT`` set, serves the job's metrics (``engine.observe.metrics``) on
   ``http://IRE_METRICS_ADDR:PORT/metrics`` until the run ends.
-
-:func:`prefix_run_logs` lives here too: the flow calls it when it binds the job and run ids to its
-log lines (``flows.refine``), so that Prefect's run logs start with ``[job J cycle C]``.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -23,7 +19,6 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import start_http_server
 
 from engine.core import CycleRecord
-from engine.observe.logs import RunContextFormatter
 from engine.observe.metrics import (
     JobMetrics,
     ResourceProbe,
@@ -37,8 +32,6 @@ from flows.observers import ObserverContext
 
 SAMPLE_SECONDS = 2.0
 """How often CPU and memory are read (the workers' through one round trip to the scheduler)."""
-
-_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
 def dask_worker_reader(client: Any) -> WorkerReader:
@@ -76,17 +69,6 @@ def queue_wait_seconds() -> float | None:
     state = run.state
     started = state.timestamp if state is not None and state.is_running() else datetime.now(UTC)
     return max(0.0, (started - expected).total_seconds())
-
-
-def prefix_run_logs() -> None:
-    """Have Prefect's run logs (sent to the API, which keeps only the text) start with
-    ``[job J cycle C]``. Idempotent; harmless outside a job (no prefix then)."""
-    for name in _RUN_LOGGERS:
-        for handler in logging.getLogger(name).handlers:
-            if type(handler).__name__ == "APILogHandler" and not isinstance(
-                handler.formatter, RunContextFormatter
-            ):
-                handler.setFormatter(RunContextFormatter())
 
 
 class MetricsObserver:

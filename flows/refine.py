@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextvars import ContextVar
@@ -26,7 +27,7 @@ from prefect.utilities.annotations import NotSet, quote
 from engine.cache import CacheConfig
 from engine.core import JobExistsError, JobNotFoundError, JobSpec, Progress, SpecError, TransientError
 from engine.execution import Executor, InProcessExecutor
-from engine.observe.logs import bind_log_context, use_json_logs
+from engine.observe.logs import RunContextFormatter, bind_log_context, record_context, use_json_logs
 from engine.problems import describe_problem, load_problem
 from engine.runner import CycleListener, JobResult, StageRunner, create_job, resume_job, run_job
 from engine.settings import load_settings
@@ -34,6 +35,9 @@ from engine.store import JobRecord, JobStatus, JobStore
 from flows.observers import ObserverContext, Observers
 
 T = TypeVar("T")
+
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+"""Prefect's loggers of flow and task runs, whose lines it also sends to the API as run logs."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,61 @@ JOB_SLOT_LEASE_SECONDS = 60.0
 while the job runs); Prefect's default of 300 s would hold back the resumed run that long."""
 
 
+def run_job_id(spec: object, job_id: str | None) -> str | None:
+    """The job a ``refine`` flow run runs: ``job_id``, or for a deployment run given a spec and no
+    job id, ``run-<flow run id>`` -- so that a rerun of the same flow run (the resume-on-crash
+    automation) finds and resumes the job instead of starting anew."""
+    if job_id is None and spec is not None:
+        context = FlowRunContext.get()
+        run = context.flow_run if context is not None else None
+        if run is not None and run.deployment_id:
+            return f"run-{run.id}"
+    return job_id
+
+
+class _RunJobFilter(logging.Filter):
+    """Gives Prefect's own lines about a ``refine`` flow run its job id: those its engine logs
+    before the flow binds the job ("Beginning flow run ...") from the run's parameters, and those
+    after the run's context is gone ("Finished in state ...") from what it found for the run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._jobs: dict[str, str] = {}  # flow run id -> job id, for the runs of this process
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        job_id, _, run_id = record_context(record)
+        if job_id is not None or run_id is None:
+            return True
+        job_id = self._jobs.get(run_id)
+        context = FlowRunContext.get()
+        in_refine = context is not None and context.flow is not None and context.flow.name == "refine"
+        if job_id is None and context is not None and in_refine:
+            parameters = context.parameters or {}
+            job_id = run_job_id(parameters.get("spec"), parameters.get("job_id"))
+            if job_id is not None:
+                while len(self._jobs) >= 64:  # a long-lived process: keep the recent runs only
+                    del self._jobs[next(iter(self._jobs))]
+                self._jobs[run_id] = job_id
+        if job_id is not None:
+            record.job_id = job_id
+        return True
+
+
+def prefix_run_logs() -> None:
+    """Have Prefect's run logs (sent to the API, which keeps only the text) start with
+    ``[job J cycle C]``, its own lines about the run included. Idempotent; harmless outside a job
+    (no prefix then). Called at import too: a worker imports the flow before its engine logs."""
+    for name in _RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RunJobFilter) for f in logger.filters):
+            logger.addFilter(_RunJobFilter())
+        for handler in logger.handlers:
+            if type(handler).__name__ == "APILogHandler" and not isinstance(
+                handler.formatter, RunContextFormatter
+            ):
+                handler.setFormatter(RunContextFormatter())
+
+
 def deployment_id() -> str | None:
     """This flow run's deployment, from its run context. ``prefect.runtime.deployment.get_id``
     looks for it on the context object rather than on its flow run, finds nothing, and reads the
@@ -278,8 +337,6 @@ def _bind_run_logs(job_id: str | None, run_id: str | None, *, json_lines: bool) 
     """Bind the job and the run to this run's log lines, prefix its API run logs with them and,
     if asked, write its console lines as JSON (a worker's ``prefect flow-run execute`` has done none
     of it); returns the undo."""
-    from flows.metrics import prefix_run_logs
-
     undo = [bind_log_context(job_id=job_id, flow_run_id=run_id)]
     prefix_run_logs()
     if json_lines:
@@ -310,10 +367,7 @@ def refine(
     settings = load_settings()
     run_id = str(flow_run.get_id() or "") or None
     deployed = deployment_id() is not None
-    if spec is not None and job_id is None and deployed:
-        # A deployment run names its job after itself, so that a rerun of the same flow run
-        # (the resume-on-crash automation) finds and resumes the job instead of starting anew.
-        job_id = f"run-{run_id}"
+    job_id = run_job_id(spec, job_id)
     # From here on every line of the run carries the job (when known yet) and the run id.
     undo_logs = _bind_run_logs(job_id, run_id, json_lines=settings.log_format == "json")
     store = JobStore.from_settings(settings)
@@ -379,3 +433,7 @@ def refine(
             store.close()
         finally:
             slot.close()
+
+
+# A worker imports this module to load the flow, before the engine logs the run's first line.
+prefix_run_logs()

@@ -218,7 +218,7 @@ def _configure_logs() -> None:
     console lines are JSON (Prefect has set up its logging by now: importing it does)."""
     from engine.observe.logs import use_json_logs
     from engine.settings import load_settings
-    from flows.metrics import prefix_run_logs
+    from flows.refine import prefix_run_logs
 
     prefix_run_logs()
     if load_settings().log_format == "json":

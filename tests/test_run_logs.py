@@ -1,10 +1,10 @@
-"""Log lines of a deployment run carry the job id from the flow's first line on.
+"""Log lines of a deployment run carry the job id from the run's first line to its last.
 
 A run created from the ``refine`` deployment with a spec and no job id names its job
-``run-<flow run id>``; the flow knows that as soon as it starts, so its first lines (before the
-job's observers bind it) must say so too: in the JSON console lines and in the run logs the
-Prefect API keeps. The run is executed as a worker does (``prefect flow-run execute``), on the
-session's Prefect server.
+``run-<flow run id>``; Prefect's engine knows that as soon as the run starts, so every line must
+say so -- the engine's own "Beginning flow run" and "Finished in state" too -- in the JSON
+console lines and in the run logs the Prefect API keeps. The run is executed as a worker does
+(``prefect flow-run execute``), on the session's Prefect server.
 """
 
 from __future__ import annotations
@@ -107,16 +107,18 @@ def test_deployment_run_logs_carry_the_job_id_from_the_first_line(
         for _ in range(60):  # run logs reach the server in batches
             found = asyncio.run(messages())
             if any(m.startswith(f"[job {job_id}] job {job_id}: sphere") for m in found) and any(
-                "cycle 2]" in m for m in found
+                m.startswith(f"[job {job_id}] Finished in state") for m in found
             ):
                 break
             time.sleep(0.5)
-        # Prefect's own lines before the flow starts and after it returned are not the job's.
-        engine = ("Downloading flow code", "Beginning flow run", "Finished in state")
-        body = [m for m in found if not m.startswith(engine)]
-        assert any(m.startswith(f"[job {job_id}] job {job_id}: sphere") for m in body), found
-        assert any(m.startswith(f"[job {job_id} cycle 2] ") for m in body), found
-        assert all(m.startswith(f"[job {job_id}") for m in body), found
+        # Prefect's own lines about the run carry the job too, from its first to its last; only
+        # the worker's download of the flow code comes before the run is known.
+        run_lines = [m for m in found if not m.startswith("Downloading flow code")]
+        assert any(m.startswith(f"[job {job_id}] job {job_id}: sphere") for m in run_lines), found
+        assert any(m.startswith(f"[job {job_id} cycle 2] ") for m in run_lines), found
+        assert run_lines[0].startswith(f"[job {job_id}] Beginning flow run"), found
+        assert any(m.startswith(f"[job {job_id}] Finished in state Completed") for m in run_lines), found
+        assert all(m.startswith(f"[job {job_id}") for m in run_lines), found
     finally:
 
         async def cleanup() -> None:
