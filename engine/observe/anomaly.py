@@ -58,8 +58,11 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
 ``regression``
     The best score so far can never get worse (it is a running best), so a "regression of the
     best" means the *batch best*: the best of each new cycle is markedly worse than the job's
-    trend, in ``regression_cycles`` of the last ``regression_cycles + 1`` cycles -- the search
-    lost ground (a diverging step size, a bad restart, a changed problem). The trend: a floor
+    trend, in ``regression_cycles`` of the last ``regression_cycles + 1`` cycles, or each of the
+    last ``regression_cycles`` above ``regression_hold_z`` deviations and all but one of them
+    markedly worse (a noisy job's regression of 4-5 deviations drops one batch under the bound now
+    and then) -- the search lost ground (a diverging step size, a bad restart, a changed
+    problem). The trend: a floor
     ``f`` approached geometrically, ``log(batch best - f)`` linear in the cycle with normal noise,
     fitted (``f`` by profile likelihood) on the last ``regression_fit_window`` normal batch bests,
     the older ones weighing less (half as much ``regression_half_life`` cycles back): it follows a
@@ -87,10 +90,13 @@ while the other's episode is open, nor a regression within ``stall_quiet_cycles`
     holds in ``timing_sustained_cycles`` cycles in a row: a noisy job hides a lasting x2-3 inside
     its spread, but single GC-like spikes do not line up.
 ``throughput_collapse``
-    Computed evaluations per second fell the same way (``collapse_cycles`` of the last
-    ``collapse_cycles + 1``) while each evaluation costs what it used to: the executor sat idle
-    (lost workers, a stalled scheduler, store or cache); or by the milder excess, lasting. Slow
-    evaluations are ``slow_cycle``; an idle executor is this.
+    The cycle is ``timing_min_ratio`` times slower than usual and its duration or its computed
+    evaluations per second are ``timing_z`` robust deviations out (``collapse_cycles`` of the
+    last ``collapse_cycles + 1``) while each evaluation costs what it used to: the executor sat
+    idle (lost workers, a stalled scheduler, store or cache); or by the milder excess, lasting.
+    Slow evaluations are ``slow_cycle``; an idle executor is this. Cache hits make the evaluations
+    computed per cycle, and with them the throughput, vary: a cycle that computed few in its usual
+    time was not idle, and an idle one among such cycles shows in its time.
 
 The statistical detectors learn each job as it runs: timing is not judged before
 ``timing_warmup`` normal cycles, nor on the first cycle of a run (imports, worker start), nor on
@@ -145,10 +151,10 @@ class Finding:
 class DetectorConfig:
     """Bounds and sensitivities of the detector; a job sets any of them in its spec's
     ``anomaly_params`` (:meth:`from_params`). The defaults were chosen on ``bench/anomaly.py``
-    with its default seed and seeds 1-3 (precision 0.948-0.969, recall 0.948-0.962), and checked on
+    with its default seed and seeds 1-3 (precision 0.945-0.969, recall 0.952-0.966), and checked on
     seeds 7, 11, 12345 (precision 0.94-0.97, recall 0.90-0.95), two fresh seeds of 2,400 runs
-    (precision 0.96, recall 0.944) and ``--plateau 0.5``; at most 0.03 false alarms per 100 normal
-    cycles, delay p50 2 cycles. Stalls are the weak kind: see bench/README.md."""
+    (precision 0.949-0.950, recall 0.933-0.942) and ``--plateau 0.5``; at most 0.03 false alarms
+    per 100 normal cycles, delay p50 2 cycles. Stalls are the weak kind: see bench/README.md."""
 
     failure_share_bound: float = 0.25
     """A cycle (or the pooled window) must fail more than this share to be a burst."""
@@ -241,7 +247,9 @@ class DetectorConfig:
     regression_hold_z: float = 2.5
     """A batch this many deviations above the trend (but not markedly worse) is learned only once
     ``regression_cycles`` more cycles passed without a worse one: the first batches of a regression
-    that fell short of the bound do not widen the learned noise."""
+    that fell short of the bound do not widen the learned noise. ``regression_cycles`` in a row
+    above it and ``regression_min_excess`` above the level, all but one of them markedly worse,
+    are a regression too."""
     regression_cycles: int = 3
     """Cycles among the last ``regression_cycles + 1`` that must be markedly worse, this one
     included (one bad batch is noise)."""
