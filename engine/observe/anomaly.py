@@ -1032,6 +1032,8 @@ class AnomalyDetector:
         run_of_suspects = len(self._suspect) == self._suspect.maxlen and all(self._suspect)
         if run_of_suspects and last_worse >= c.regression_cycles - 1:
             worse, episode.run = True, max(episode.run, c.regression_cycles)
+            if self._held and self._held[-1][0] == record.cycle:
+                self._held.pop()  # a regressed batch after all: never learned
         if not worse or episode.run < c.regression_cycles:
             return None if not (worse and episode.open) else {"message": ""}
         assert trend is not None
