@@ -789,7 +789,7 @@ class AnomalyDetector:
             for k in range(1, w):
                 observed += 2 * (cum[n - 1][k] - cum[n - w + k - 1][k]) - (w - k)
                 expected += (w - k) * math.erf(theta * k / 2)  # 2 Phi(theta k / sqrt 2) - 1
-            z = (expected - observed) / math.sqrt(w * (w - 1) * (2 * w + 5) / 18)
+            z = (expected - observed) / _mann_kendall_sd(w)
             if worst is None or z > worst["z"]:
                 worst = {"window": w, "rank_sum": observed, "expected_rank_sum": expected, "z": z}
         return worst
@@ -833,7 +833,7 @@ class AnomalyDetector:
         for i, a in enumerate(losses):
             for b in losses[i + 1 :]:
                 total += (b < a) - (b > a)
-        z = total / math.sqrt(w * (w - 1) * (2 * w + 5) / 18)
+        z = total / _mann_kendall_sd(w)
         if z >= c.stall_flat_z:
             return None
         message = (
@@ -1002,12 +1002,14 @@ class AnomalyDetector:
         # times its last). A new best, or a batch under that level, is not worse (and spares the fit).
         recent = [b for _, b in self._trend[-c.regression_level - 2 :]]
         level = statistics.median(recent[-c.regression_level :])
-        steps = [abs(b - a) for a, b in itertools.pairwise(recent[-c.regression_level - 2 :])]
+        steps = [abs(b - a) for a, b in itertools.pairwise(recent)]
         scale = max(level - best, _MAD_TO_SIGMA * statistics.median(steps) / math.sqrt(2))
         excess = (loss - level) / scale if scale > 1e-12 * max(abs(level), 1.0) else 0.0
         trend = None if loss <= best or excess <= 0 else self._trend_excess(record.cycle, loss, best)
-        worse = trend is not None and trend["z"] > c.regression_z and excess > c.regression_min_excess
-        suspect = trend is not None and trend["z"] > c.regression_hold_z and excess > c.regression_min_excess
+        z = -math.inf if trend is None else trend["z"]
+        above_level = excess > c.regression_min_excess
+        worse = above_level and z > c.regression_z
+        suspect = above_level and z > c.regression_hold_z
         self._worse.append(worse)
         self._suspect.append(suspect)
         # What is learned as normal: not a worse batch, nor one of a stalled search; a suspect one
@@ -1019,7 +1021,7 @@ class AnomalyDetector:
         while self._held and self._held[0][0] < record.cycle - c.regression_cycles:
             self._learn_trend(self._held.popleft())
         if not worse and not self._episodes["stall"].open:
-            if trend is not None and trend["z"] > c.regression_hold_z:
+            if z > c.regression_hold_z:
                 self._held.append((record.cycle, loss))
             else:
                 self._learn_trend((record.cycle, loss))
@@ -1218,10 +1220,10 @@ class AnomalyDetector:
             }
         if collapse_stat and not costlier:
             assert log_tp is not None
-            if z_d > z_bound or tp_drop is None or z_tp is None:
-                # this cycle's evaluations at the usual cycle time, against the time they took
+            if z_d > z_bound:  # this cycle's evaluations at the usual cycle time, against its time
                 normal_tp, drop, z = log_tp + slowed, slowed, z_d
-            else:
+            else:  # by_throughput
+                assert tp_drop is not None and z_tp is not None
                 drop, z = tp_drop, z_tp
             collapse = {
                 "evaluations_per_second": math.exp(normal_tp - drop),
@@ -1410,6 +1412,11 @@ def _fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
     unit = statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) or max(losses) - low
     trend = _fit_trend(points, below=low, unit=unit, decades=(-1.5, 4.5), trim=3.0)
     return None if trend is None else trend.floor
+
+
+def _mann_kendall_sd(n: int) -> float:
+    """The standard deviation of the Mann-Kendall sum of ``n`` values without trend (or ties)."""
+    return math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
 
 
 def _is_number(value: object) -> bool:
