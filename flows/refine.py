@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
-from prefect.client.schemas.objects import State, TaskRun
+from prefect.client.schemas.objects import FlowRun, State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.tasks import Task, exponential_backoff
@@ -190,8 +190,7 @@ def run_job_id(spec: object, job_id: str | None) -> str | None:
     job id, ``run-<flow run id>`` -- so that a rerun of the same flow run (the resume-on-crash
     automation) finds and resumes the job instead of starting anew."""
     if job_id is None and spec is not None:
-        context = FlowRunContext.get()
-        run = context.flow_run if context is not None else None
+        run = _context_flow_run()
         if run is not None and run.deployment_id:
             return f"run-{run.id}"
     return job_id
@@ -211,9 +210,8 @@ class _RunJobFilter(logging.Filter):
         if job_id is not None or run_id is None:
             return True
         job_id = self._jobs.get(run_id)
-        context = FlowRunContext.get()
-        in_refine = context is not None and context.flow is not None and context.flow.name == "refine"
-        if job_id is None and context is not None and in_refine:
+        context = FlowRunContext.get() if job_id is None else None
+        if context is not None and context.flow is not None and context.flow.name == "refine":
             parameters = context.parameters or {}
             job_id = run_job_id(parameters.get("spec"), parameters.get("job_id"))
             if job_id is not None:
@@ -245,9 +243,14 @@ def deployment_id() -> str | None:
     looks for it on the context object rather than on its flow run, finds nothing, and reads the
     flow run from the API instead, on every call: three round trips a job, 0.1 s each on a busy
     2-core machine."""
-    context = FlowRunContext.get()
-    run = context.flow_run if context is not None else None
+    run = _context_flow_run()
     return str(run.deployment_id) if run is not None and run.deployment_id else None
+
+
+def _context_flow_run() -> FlowRun | None:
+    """The flow run of the current run context (None outside one)."""
+    context = FlowRunContext.get()
+    return context.flow_run if context is not None else None
 
 
 @contextlib.contextmanager
