@@ -120,6 +120,22 @@ def test_a_failure_burst_is_judged_against_the_jobs_usual_failure_rate() -> None
     assert [f.kind for f in run(normal_series(failed=span(1, 80, 0) | {50: 9}))] == ["failure_burst"]
 
 
+@pytest.mark.parametrize("burst", [(4, 2, 3, 3), (3, 3, 3)])
+def test_a_burst_spread_thin_is_judged_against_the_rate_before_it(burst: tuple[int, ...]) -> None:
+    """Batches of 8 that usually fail ~9%, then a third of them for a few cycles: no single cycle
+    is improbable enough, and the pooled ones are only if the burst's first cycles, suspect but
+    short of a burst, were not learned into the usual rate (``failure_hold_alpha``)."""
+    rng = random.Random(5)
+    usual = {c: sum(1 for _ in range(8) if rng.random() < 0.07) for c in range(1, 81)}
+    records = normal_series(
+        evaluations=span(1, 80, 8), failed=usual | {50 + i: n for i, n in enumerate(burst)}
+    )
+    findings = run(records)
+    assert [(f.kind, f.cycle) for f in findings] == [("failure_burst", 52)]
+    assert findings[0].evidence["scope"] == "last 3 cycles"
+    assert run(records, config=DetectorConfig(failure_hold_alpha=1e-12)) == []
+
+
 def test_stall_needs_a_target_far_away() -> None:
     """Frozen far from the target is a stall; frozen at 2% of the way from it is not."""
     changes = {"batch_best_score": _frozen_after(12)}

@@ -9,10 +9,12 @@ once, when it starts, and may be reported again only after it has been clear for
 The kinds (stable names; events are ``refinement.anomaly.<kind>``):
 
 ``failure_burst``
-    The share of failed evaluations in a cycle (or pooled over the last few) is above
-    ``failure_share_bound`` *and* improbable under the job's own failure rate so far (binomial
-    tail below ``failure_alpha``): a job that always fails 8% of its candidates is not bursting
-    when a batch of 8 loses 3, a job that never fails is.
+    The share of failed evaluations in a cycle (or pooled over its last 2 to ``failure_window``) is
+    above ``failure_share_bound`` *and* improbable under the job's own failure rate so far
+    (binomial tail below ``failure_alpha``): a job that always fails 8% of its candidates is not
+    bursting when a batch of 8 loses 3, a job that never fails is. A cycle short of that but
+    improbable all the same (below ``failure_hold_alpha``) is learned into the rate only if no
+    burst follows soon, so a burst's first cycles do not raise the rate its later ones are judged by.
 ``stall``
     The job stopped improving while far from its goal, by either of two tests. A dry spell: no
     improvement (as the spec's ``tolerance`` counts it) for as many cycles as make it improbable
@@ -165,7 +167,11 @@ class DetectorConfig:
     failure_prior: tuple[float, float] = (1.0, 20.0)
     """Pseudo-counts (failures, evaluations) of the failure rate before the job has any: 5%."""
     failure_window: int = 3
-    """Cycles pooled to catch a burst spread thin over small batches."""
+    """Cycles pooled (the last 2, 3, ... this many) to catch a burst spread thin over small batches."""
+    failure_hold_alpha: float = 0.05
+    """A cycle short of a burst but this improbable (in any scope) is learned into the usual rate
+    only once ``failure_window`` more cycles passed without a burst: a burst's first cycles must not
+    raise the rate its later ones are judged by."""
 
     stall_cycles: int = 5
     """Cycles without improvement before a stall can be called."""
@@ -362,6 +368,7 @@ class DetectorConfig:
             raise ValueError(f"stall_quiet_cycles must not be negative, got {self.stall_quiet_cycles}")
         for name, alpha in (
             ("failure_alpha", self.failure_alpha),
+            ("failure_hold_alpha", self.failure_hold_alpha),
             ("stall_alpha", self.stall_alpha),
             ("stall_slowdown_alpha", self.stall_slowdown_alpha),
             ("stall_slowdown_flat_alpha", self.stall_slowdown_flat_alpha),
@@ -439,6 +446,7 @@ class AnomalyDetector:
         # failures
         self._fail_clean = [c.failure_prior[0], c.failure_prior[1]]  # failures, evaluations
         self._fail_recent: deque[tuple[int, int]] = deque(maxlen=c.failure_window)
+        self._fail_held: deque[tuple[int, int, int]] = deque()  # suspect (cycle, failed, evaluations)
         # progress (losses: lower is better, whatever the direction)
         self._first: tuple[int, float] | None = None  # the first scored cycle and its best
         self._improvements: list[tuple[int, float]] = []  # (cycle, best) of every improvement
@@ -576,18 +584,22 @@ class AnomalyDetector:
         usual = failures / evaluations
         rate = _wilson_bounds(failures, evaluations)[1]
         self._fail_recent.append((record.failed, record.evaluations))
-        pooled_failed = sum(f for f, _ in self._fail_recent)
-        pooled_n = sum(n for _, n in self._fail_recent)
         evidence = None
-        for failed, n, scope in (
-            (record.failed, record.evaluations, "cycle"),
-            (pooled_failed, pooled_n, f"last {len(self._fail_recent)} cycles"),
-        ):
+        suspect = False  # improbable in some scope (failure_hold_alpha), if short of a burst
+        scopes = [(record.failed, record.evaluations, "cycle")]
+        pooled_failed = pooled_n = 0
+        for cycles, (failed, n) in enumerate(reversed(self._fail_recent), start=1):
+            pooled_failed += failed
+            pooled_n += n
+            if cycles > 1:
+                scopes.append((pooled_failed, pooled_n, f"last {cycles} cycles"))
+        for failed, n, scope in scopes:
             if n == 0 or failed < c.failure_min_count or failed / n <= c.failure_share_bound:
                 continue
             if scope != "cycle" and record.failed / max(record.evaluations, 1) <= rate:
                 continue  # the pooled window may only extend a burst this cycle takes part in
             tail = binomial_upper_tail(failed, n, rate)
+            suspect = suspect or tail < c.failure_hold_alpha
             if tail < c.failure_alpha:
                 evidence = {
                     "message": (
@@ -604,10 +616,22 @@ class AnomalyDetector:
                     "bound": c.failure_share_bound,
                 }
                 break
+        # What is learned as the usual rate: not a burst's cycles; a suspect one (short of a burst,
+        # improbable all the same) once failure_window more cycles passed without a burst.
+        if evidence is not None:
+            self._fail_held.clear()  # a burst's first cycles after all
+        while self._fail_held and self._fail_held[0][0] <= record.cycle - c.failure_window:
+            self._learn_failures(*self._fail_held.popleft()[1:])
         if evidence is None and not self._episodes["failure_burst"].open:
-            self._fail_clean[0] += record.failed
-            self._fail_clean[1] += record.evaluations
+            if suspect:
+                self._fail_held.append((record.cycle, record.failed, record.evaluations))
+            else:
+                self._learn_failures(record.failed, record.evaluations)
         return evidence
+
+    def _learn_failures(self, failed: int, evaluations: int) -> None:
+        self._fail_clean[0] += failed
+        self._fail_clean[1] += evaluations
 
     # -- stalls -----------------------------------------------------------------------------------
 
