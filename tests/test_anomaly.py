@@ -538,6 +538,30 @@ def test_bench_scoring_on_a_small_labelled_set() -> None:
     assert plateaued["false_alarms_per_100_normal_cycles"] <= 0.25 and plateaued["precision"] >= 0.72
 
 
+def test_bench_leaves_unscored_only_episodes_a_reached_target_cut_short() -> None:
+    """An episode the job's reaching its target cut shorter than its kind's shortest (one slow
+    cycle at the end, as a normal run's GC-like spike can be) is neither a hit nor a miss; every
+    other episode is scored, a burst that failed the job included. A finding of its kind in its
+    window is not a false alarm either."""
+    from bench.anomaly import SHORTEST, score, synthetic_runs
+
+    runs = synthetic_runs(600, seed=4242)
+    cut = [(run, e) for run in runs for e in run.unscored]
+    assert cut, "seed 4242 has runs that reached their target during an episode"
+    for run, e in cut:
+        assert run.target is not None and run.records[-1].best_score is not None
+        reached = (
+            run.records[-1].best_score >= run.target
+            if run.maximize
+            else run.records[-1].best_score <= run.target
+        )
+        assert reached and e.end == len(run.records) and e.end - e.onset + 1 < SHORTEST[e.kind]
+    assert any(e.end - e.onset + 1 < SHORTEST[e.kind] for run in runs for e in run.episodes)  # failed jobs
+    report = score(runs)
+    assert report["unscored_episodes"] == len(cut)
+    assert report["episodes"] == sum(len(run.episodes) for run in runs)
+
+
 @pytest.mark.parametrize("restart", [False, True])
 def test_restart_on_stall_restarts_the_strategy_from_the_best_candidate(
     restart: bool, sqlite_url: str, caplog: pytest.LogCaptureFixture
