@@ -522,20 +522,20 @@ def test_bench_scoring_on_a_small_labelled_set() -> None:
     targets (precision and recall >= 0.95) are NOT met yet by stalls and regressions: this guards
     what is met (false alarms, delay), the per-kind recall of failure bursts and timing anomalies
     (>= 0.95 on the full bench; 13-15 episodes each here) and the current overall level (here
-    precision 0.91, recall 0.88; the detector before the rate-drop stall test and the one-cause
-    rule had 0.83 and 0.89), so a change that makes the detector worse fails here. With half the
-    normal runs levelled off at a floor (``--plateau``), false alarms stay within the bound."""
+    precision 0.96, recall 0.94 in session 6; 0.91 and 0.88 in session 3), so a change that makes
+    the detector worse fails here. With half the normal runs levelled off at a floor
+    (``--plateau``), false alarms stay within the bound (here 0.10 per 100 cycles, precision 0.84)."""
     from bench.anomaly import score, synthetic_runs
 
     report = score(synthetic_runs(150, seed=1))
     assert report["episodes"] >= 70 and report["cycles"] > 8000
     assert report["false_alarms_per_100_normal_cycles"] <= 0.1
     assert report["detection_delay_cycles_p50"] <= 3
-    assert report["precision"] >= 0.9 and report["recall"] >= 0.85
+    assert report["precision"] >= 0.93 and report["recall"] >= 0.92
     for kind in ("failure_burst", "slow_cycle", "throughput_collapse"):
         assert report["per_kind"][kind]["recall"] >= 0.85, report["per_kind"][kind]
     plateaued = score(synthetic_runs(150, seed=1, plateau_share=0.5))
-    assert plateaued["false_alarms_per_100_normal_cycles"] <= 0.25 and plateaued["precision"] >= 0.72
+    assert plateaued["false_alarms_per_100_normal_cycles"] <= 0.25 and plateaued["precision"] >= 0.8
 
 
 def test_bench_leaves_unscored_only_episodes_a_reached_target_cut_short() -> None:

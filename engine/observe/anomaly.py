@@ -154,8 +154,8 @@ class DetectorConfig:
     """Bounds and sensitivities of the detector; a job sets any of them in its spec's
     ``anomaly_params`` (:meth:`from_params`). The defaults were chosen on ``bench/anomaly.py``
     with its default seed and seeds 1-3 (precision 0.945-0.969, recall 0.952-0.966), and checked on
-    seeds 7, 11, 12345 (precision 0.94-0.97, recall 0.90-0.95), two fresh seeds of 2,400 runs
-    (precision 0.949-0.950, recall 0.933-0.942) and ``--plateau 0.5``; at most 0.03 false alarms
+    seeds 7, 11, 12345 (precision 0.94-0.97, recall 0.90-0.96), two fresh seeds of 2,400 runs
+    (precision 0.943-0.956, recall 0.950-0.954) and ``--plateau 0.5``; at most 0.03 false alarms
     per 100 normal cycles, delay p50 2 cycles. Stalls are the weak kind: see bench/README.md."""
 
     failure_share_bound: float = 0.25
