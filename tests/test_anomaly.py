@@ -236,6 +236,22 @@ def test_a_stall_that_struck_before_the_job_showed_a_trend_is_found_by_no_trend_
         assert sum("show no trend" in f.message for r in healthy for f in run(r, target=target)) == 0
 
 
+def test_a_regression_is_not_named_a_stall_on_its_first_cycles() -> None:
+    """A slowly converging job whose batch bests turn 10x worse for 4 cycles: the bad batches
+    end the trend the stall tests look for, so they used to call a stall on the regression's
+    first or second cycle, which then named the cause. A stall is not named on a cycle whose batch
+    best is a regression suspect: the regression is named on its third cycle, as it should be."""
+    named = []
+    for seed in range(30):
+        calm = normal_series(seed=seed, rate=0.02)
+        worse = {c: 10 * calm[c - 1].batch_best_score for c in range(45, 49)}  # type: ignore[operator]
+        findings = run(normal_series(seed=seed, rate=0.02, batch_best_score=worse))
+        if any(f.cycle < 45 for f in findings):
+            continue  # a slow noisy job some stall test already found stalled earlier
+        named.append([(f.kind, f.cycle) for f in findings if f.cycle <= 52])
+    assert len(named) >= 20 and all(n == [("regression", 47)] for n in named), named
+
+
 def test_a_dry_spell_needs_the_ranks_to_confirm_it() -> None:
     """A dry spell after a very lucky batch (the others keep closing in on it) is not a stall,
     with a target or without: the batch bests kept their trend. Without the confirmation it would
@@ -334,15 +350,16 @@ def test_the_floor_fit_finds_where_a_converging_job_levels_off() -> None:
 def test_a_search_that_lost_ground_is_not_called_stalled() -> None:
     """Batch bests 3x worse for 6 cycles from cycle 40 make no progress, but a stall is a
     population that keeps its level: the regression rule calls it (3 cycles in a row over the
-    hold bound, 2 of them over the bound). With that rule off, nothing is called; without the
+    hold bound, 2 of them over the bound). With that rule off (and no batch a regression
+    suspect, which alone keeps a stall from being named), nothing is called; without the
     lost-ground test too, it was a stall at cycle 43."""
     rng = random.Random(50)
     setback = {c: 3 * 100 * math.exp(-0.08 * 39 + rng.gauss(0, 0.3)) for c in range(40, 46)}
     records = normal_series(batch_best_score=setback)
     assert [(f.kind, f.cycle) for f in run(records, target=-20.0)] == [("regression", 42)]
-    no_regression = DetectorConfig(regression_z=1e9)
+    no_regression = DetectorConfig(regression_z=1e9, regression_hold_z=1e9)
     assert run(records, target=-20.0, config=no_regression) == []
-    unchecked = DetectorConfig(regression_z=1e9, stall_lost_ground=1e9)
+    unchecked = replace(no_regression, stall_lost_ground=1e9)
     assert [(f.kind, f.cycle) for f in run(records, target=-20.0, config=unchecked)] == [("stall", 43)]
 
 

@@ -81,7 +81,9 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
 
 A stall and a regression share symptoms (a search that lost ground makes no progress; a stalled
 population's batch bests wander, and spread wider when it moves again), so one is not reported
-while the other's episode is open, nor a regression within ``stall_quiet_cycles`` after a stall.
+while the other's episode is open, nor a regression within ``stall_quiet_cycles`` after a stall,
+nor a stall on a cycle whose batch best lies ``regression_hold_z`` deviations above the trend (a
+regression's first batches are what end the trend the stall tests look for).
 ``slow_cycle``
     The cycle took longer than ``max_cycle_seconds`` (if set), or, in ``timing_cycles`` of the
     last ``timing_cycles + 1`` cycles, its duration is more than ``timing_z`` robust deviations
@@ -474,6 +476,7 @@ class AnomalyDetector:
         self._floor_fit: tuple[int, float | None] | None = None  # (up to cycle, floor): _floor_share
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         self._suspect: deque[bool] = deque(maxlen=c.regression_cycles)  # ...over regression_hold_z
+        self._suspect_now = False  # this cycle's batch best is over regression_hold_z
         # timing
         self._timing = _Timing(
             deque(maxlen=c.timing_window), deque(maxlen=c.timing_window), deque(maxlen=c.timing_window)
@@ -561,14 +564,20 @@ class AnomalyDetector:
         bests wander and, when it moves again, spread wider than they did while it was stuck:
         each episode's symptoms look like the other kind for a while. The first one named
         is the cause; the other is not reported while it is open, nor (a regression) for
-        ``stall_quiet_cycles`` after a stall ended.
+        ``stall_quiet_cycles`` after a stall ended. Nor is a stall named on a cycle whose batch
+        best lies ``regression_hold_z`` deviations above the trend: a regression may be starting,
+        and its first batches are what made the stall tests see the trend lost.
         """
         stall, regression = self._episodes["stall"], self._episodes["regression"]
         if stall.open:
             self._stall_ended = cycle
         if regression.open:
             self._regression_ended = cycle
-        if not stall.open and found["stall"] is not None and (regression.open or found["regression"]):
+        if (
+            not stall.open
+            and found["stall"] is not None
+            and (regression.open or found["regression"] or self._suspect_now)
+        ):
             found["stall"] = None
         quiet = self._stall_ended is not None and cycle - self._stall_ended <= self.config.stall_quiet_cycles
         if not regression.open and found["regression"] is not None and (stall.open or quiet):
@@ -1015,6 +1024,7 @@ class AnomalyDetector:
         c = self.config
         loss = self._loss(record.batch_best_score)
         best, self._best_before = self._best_before, self._loss(record.best_score)
+        self._suspect_now = False
         if loss is None or best is None or len(self._trend) < 3:
             if loss is not None:
                 self._learn_trend((record.cycle, loss))
@@ -1036,6 +1046,7 @@ class AnomalyDetector:
         suspect = above_level and z > c.regression_hold_z
         self._worse.append(worse)
         self._suspect.append(suspect)
+        self._suspect_now = suspect
         # What is learned as normal: not a worse batch, nor one of a stalled search; a suspect one
         # (above the trend, short of the bound) once regression_cycles more passed without a
         # regression starting -- its first batches must not widen the noise its later ones are
