@@ -347,6 +347,31 @@ def test_the_floor_fit_finds_where_a_converging_job_levels_off() -> None:
     assert _fit_floor([(t, 3.0) for t in range(1, 20)]) is None  # nothing moved
 
 
+def _young_noisy(seed: int, regressed: bool) -> list[CycleRecord]:
+    """A fast job with a noisy batch best (sd 0.7 in log) whose batch bests turn 40x worse in
+    their gap at cycles 11-15, before its trend has many batches to be sure of, or do not."""
+    rng = random.Random(seed)
+    batches: dict[int, object] = {c: 10 + 100 * math.exp(-0.3 * c + rng.gauss(0, 0.7)) for c in range(1, 61)}
+    if regressed:
+        for c in range(11, 16):
+            batches[c] = 10 + 100 * math.exp(-0.3 * 10 + math.log(40) + rng.gauss(0, 0.7))
+    return normal_series(cycles=60, seed=seed, batch_best_score=batches)
+
+
+def test_a_large_regression_of_a_young_trend_is_found_by_its_distance_from_the_level() -> None:
+    """A few noisy batches leave the trend's line and noise loose: a 40x regression at cycle 11
+    lies only 2.5-3 deviations above it, short of the bound in 2 of 3 cycles. Three cycles in a
+    row over the hold bound, each ``regression_run_excess`` level-to-best gaps above the level the
+    job just kept, are a regression all the same; the same job without the regression raises
+    nothing."""
+    off = DetectorConfig(regression_run_excess=1e9)
+    for seed in (19, 21, 25):
+        records = _young_noisy(seed, regressed=True)
+        assert [(f.kind, f.cycle) for f in run(records, target=10.0)] == [("regression", 13)]
+        assert run(records, target=10.0, config=off) == []
+    assert [f for seed in range(40) for f in run(_young_noisy(seed, regressed=False), target=10.0)] == []
+
+
 def test_a_search_that_lost_ground_is_not_called_stalled() -> None:
     """Batch bests 3x worse for 6 cycles from cycle 40 make no progress, but a stall is a
     population that keeps its level: the regression rule calls it (3 cycles in a row over the

@@ -63,8 +63,9 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     trend, in ``regression_cycles`` of the last ``regression_cycles + 1`` cycles, or each of the
     last ``regression_cycles`` above ``regression_hold_z`` deviations and all but one of them
     markedly worse (a noisy job's regression of 4-5 deviations drops one batch under the bound now
-    and then) -- the search lost ground (a diverging step size, a bad restart, a changed
-    problem). The trend: a floor
+    and then) or all ``regression_run_excess`` level-to-best gaps above the recent level (a young
+    trend's few batches leave its line and noise loose) -- the search lost ground (a diverging
+    step size, a bad restart, a changed problem). The trend: a floor
     ``f`` approached geometrically, ``log(batch best - f)`` linear in the cycle with normal noise,
     fitted (``f`` by profile likelihood) on the last ``regression_fit_window`` normal batch bests,
     the older ones weighing less (half as much ``regression_half_life`` cycles back): it follows a
@@ -258,6 +259,11 @@ class DetectorConfig:
     that fell short of the bound do not widen the learned noise. ``regression_cycles`` in a row
     above it and ``regression_min_excess`` above the level, all but one of them markedly worse,
     are a regression too."""
+    regression_run_excess: float = 5.0
+    """...as are ``regression_cycles`` in a row above ``regression_hold_z`` and each this many
+    level-to-best gaps above the level: a young trend's loose deviation hides a large regression
+    (its few batches make the line and the noise uncertain), not its batches' distance from the
+    level the job just kept."""
     regression_cycles: int = 3
     """Cycles among the last ``regression_cycles + 1`` that must be markedly worse, this one
     included (one bad batch is noise)."""
@@ -393,6 +399,8 @@ class DetectorConfig:
             raise ValueError(f"regression_half_life must be positive, got {self.regression_half_life}")
         if self.regression_min_excess < 0:
             raise ValueError(f"regression_min_excess must not be negative, got {self.regression_min_excess}")
+        if self.regression_run_excess < 0:
+            raise ValueError(f"regression_run_excess must not be negative, got {self.regression_run_excess}")
         if not 4 <= self.regression_warmup <= self.regression_fit_window:
             raise ValueError("regression_warmup must be at least 4 and at most regression_fit_window")
         if self.timing_sustained_z <= 0:
@@ -476,6 +484,7 @@ class AnomalyDetector:
         self._floor_fit: tuple[int, float | None] | None = None  # (up to cycle, floor): _floor_share
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         self._suspect: deque[bool] = deque(maxlen=c.regression_cycles)  # ...over regression_hold_z
+        self._excess: deque[float] = deque(maxlen=c.regression_cycles)  # ...and above the level
         self._suspect_now = False  # this cycle's batch best is over regression_hold_z
         # timing
         self._timing = _Timing(
@@ -1046,6 +1055,7 @@ class AnomalyDetector:
         suspect = above_level and z > c.regression_hold_z
         self._worse.append(worse)
         self._suspect.append(suspect)
+        self._excess.append(excess)
         self._suspect_now = suspect
         # What is learned as normal: not a worse batch, nor one of a stalled search; a suspect one
         # (above the trend, short of the bound) once regression_cycles more passed without a
@@ -1063,11 +1073,13 @@ class AnomalyDetector:
         # A regressed population still draws the odd normal-looking batch: count the worse
         # cycles among the last regression_cycles + 1, not a strict run.
         episode.run = sum(self._worse)
-        # ...or every one of the last regression_cycles over regression_hold_z, all but one worse:
-        # a noisy job's regression of 4-5 deviations drops one batch under the bound now and then.
+        # ...or every one of the last regression_cycles over regression_hold_z, all but one worse
+        # (a noisy job's regression of 4-5 deviations drops one batch under the bound now and
+        # then) or all far above the level (a young trend's deviation is loose).
         last_worse = sum(itertools.islice(reversed(self._worse), c.regression_cycles))
         run_of_suspects = len(self._suspect) == self._suspect.maxlen and all(self._suspect)
-        if run_of_suspects and last_worse >= c.regression_cycles - 1:
+        far_above = min(self._excess, default=0.0) > c.regression_run_excess
+        if run_of_suspects and (last_worse >= c.regression_cycles - 1 or far_above):
             worse, episode.run = True, max(episode.run, c.regression_cycles)
             if self._held and self._held[-1][0] == record.cycle:
                 self._held.pop()  # a regressed batch after all: never learned
