@@ -360,15 +360,21 @@ def _young_noisy(seed: int, regressed: bool) -> list[CycleRecord]:
 
 def test_a_large_regression_of_a_young_trend_is_found_by_its_distance_from_the_level() -> None:
     """A few noisy batches leave the trend's line and noise loose: a 40x regression at cycle 11
-    lies only 2.5-3 deviations above it, short of the bound in 2 of 3 cycles. Three cycles in a
-    row over the hold bound, each ``regression_run_excess`` level-to-best gaps above the level the
-    job just kept, are a regression all the same; the same job without the regression raises
-    nothing."""
+    lies only 2-3 deviations above it, short of the bound in 2 of 3 cycles. Three cycles in a
+    row over the hold bound (or 2 deviations), each ``regression_run_excess`` level-to-best gaps
+    above the level the job just kept, are a regression all the same; the same job without the
+    regression raises nothing."""
     off = DetectorConfig(regression_run_excess=1e9)
     for seed in (19, 21, 25):
         records = _young_noisy(seed, regressed=True)
         assert [(f.kind, f.cycle) for f in run(records, target=10.0)] == [("regression", 13)]
         assert run(records, target=10.0, config=off) == []
+    # Batches that far above the level count from 2 deviations (regression_far_z), and are held
+    # out of the trend from any: the regression's first batches no longer loosen it.
+    for seed in (23, 24):
+        records = _young_noisy(seed, regressed=True)
+        assert [(f.kind, f.cycle) for f in run(records, target=10.0)] == [("regression", 13)]
+        assert run(records, target=10.0, config=DetectorConfig(regression_far_z=1e9)) == []
     assert [f for seed in range(40) for f in run(_young_noisy(seed, regressed=False), target=10.0)] == []
 
 

@@ -260,10 +260,14 @@ class DetectorConfig:
     above it and ``regression_min_excess`` above the level, all but one of them markedly worse,
     are a regression too."""
     regression_run_excess: float = 5.0
-    """...as are ``regression_cycles`` in a row above ``regression_hold_z`` and each this many
-    level-to-best gaps above the level: a young trend's loose deviation hides a large regression
-    (its few batches make the line and the noise uncertain), not its batches' distance from the
-    level the job just kept."""
+    """...as are ``regression_cycles`` in a row above ``regression_hold_z`` (or ``regression_far_z``)
+    and each this many level-to-best gaps above the level: a young trend's loose deviation hides a
+    large regression (its few batches make the line and the noise uncertain), not its batches'
+    distance from the level the job just kept. A batch that far above the level and above the
+    trend at all is held, as one over ``regression_hold_z`` is."""
+    regression_far_z: float = 2.0
+    """The trend deviations a batch ``regression_run_excess`` gaps above the level must exceed to
+    count towards that run."""
     regression_cycles: int = 3
     """Cycles among the last ``regression_cycles + 1`` that must be markedly worse, this one
     included (one bad batch is noise)."""
@@ -395,6 +399,8 @@ class DetectorConfig:
             raise ValueError(
                 "regression_z, regression_hold_z, timing_z and timing_min_ratio must be positive"
             )
+        if self.regression_far_z < 0:
+            raise ValueError(f"regression_far_z must not be negative, got {self.regression_far_z}")
         if self.regression_half_life is not None and self.regression_half_life <= 0:
             raise ValueError(f"regression_half_life must be positive, got {self.regression_half_life}")
         if self.regression_min_excess < 0:
@@ -1052,7 +1058,9 @@ class AnomalyDetector:
         z = -math.inf if trend is None else trend["z"]
         above_level = excess > c.regression_min_excess
         worse = above_level and z > c.regression_z
-        suspect = above_level and z > c.regression_hold_z
+        # Far above the level, a batch is suspect at a lower z: a young trend's deviation is loose.
+        far = excess > c.regression_run_excess
+        suspect = above_level and (z > c.regression_hold_z or (far and z > c.regression_far_z))
         self._worse.append(worse)
         self._suspect.append(suspect)
         self._excess.append(excess)
@@ -1066,7 +1074,7 @@ class AnomalyDetector:
         while self._held and self._held[0][0] < record.cycle - c.regression_cycles:
             self._learn_trend(self._held.popleft())
         if not worse and not self._episodes["stall"].open:
-            if z > c.regression_hold_z:
+            if z > c.regression_hold_z or (far and z > 0):
                 self._held.append((record.cycle, loss))
             else:
                 self._learn_trend((record.cycle, loss))
