@@ -378,6 +378,20 @@ def test_a_large_regression_of_a_young_trend_is_found_by_its_distance_from_the_l
     assert [f for seed in range(40) for f in run(_young_noisy(seed, regressed=False), target=10.0)] == []
 
 
+def test_a_job_regaining_the_ground_a_regression_lost_is_not_called_stalled() -> None:
+    """Batch bests 8x worse for 8 cycles from cycle 40, after which the job goes on from where it
+    was (8 cycles behind): the regression is reported, and the cycles the job then needs to beat
+    its best again are not a stall -- a dry spell or a rate drop is counted from the end of a
+    reported regression (before, this job drew a stall at cycle 50)."""
+    rng = random.Random(18)
+    batches: dict[int, object] = {}
+    for c in range(1, 81):
+        t = c if c < 40 else 39 if c < 48 else c - 8
+        batches[c] = 100 * math.exp(-0.08 * t + rng.gauss(0, 0.3)) * (8 if 40 <= c < 48 else 1)
+    records = normal_series(seed=18, batch_best_score=batches)
+    assert [(f.kind, f.cycle) for f in run(records, target=-20.0)] == [("regression", 42)]
+
+
 def test_a_search_that_lost_ground_is_not_called_stalled() -> None:
     """Batch bests 3x worse for 6 cycles from cycle 40 make no progress, but a stall is a
     population that keeps its level: the regression rule calls it (3 cycles in a row over the

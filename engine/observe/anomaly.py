@@ -52,10 +52,12 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
     ``stall_spread_far`` as wide as at its start (the median step between the last
     ``stall_spread_window`` of them against that of its first half as many: a search's batch
     noise scales with its gap to the floor). A rank shortfall while a window holds batches of a
-    regression episode is not counted (they lost the trend for that), and no stall is called
-    while the batch bests since the last improvement sit more than ``stall_lost_ground`` noise
-    deviations above the level before it (a stalled population keeps its level; one that lost
-    ground regressed, whether or not that was recognised). The episode ends after
+    regression episode is not counted (they lost the trend for that), nor a dry spell or a rate
+    drop reaching back into one (the job had ground to regain: a dry spell is counted from the
+    regression's end), and no stall is called while the batch bests since the last improvement
+    sit more than ``stall_lost_ground`` noise deviations above the level before it (a stalled
+    population keeps its level; one that lost ground regressed, whether or not that was
+    recognised). The episode ends after
     ``stall_resume`` improvements.
 ``regression``
     The best score so far can never get worse (it is a running best), so a "regression of the
@@ -741,7 +743,10 @@ class AnomalyDetector:
         needed = min(needed, max(c.stall_max_cycles, c.stall_cycles))
         if collapsed is not None:
             needed = min(needed, c.stall_cycles)
-        if since < needed:
+        # A job that regressed has ground to regain before it can improve: a dry spell is counted
+        # from the end of a reported regression it reaches back into.
+        regained = last if self._regression_ended is None else max(last, self._regression_ended)
+        if record.cycle - regained < needed:
             return None
         message = (
             f"cycle {record.cycle}: no improvement for {since} cycles (best {record.best_score:.6g}), "
@@ -769,6 +774,8 @@ class AnomalyDetector:
         now = record.cycle
         for w in c.stall_slowdown_windows:
             start = now - w + 1  # the recent window: cycles start..now
+            if self._regression_ended is not None and start <= self._regression_ended:
+                break  # the window reaches back into a reported regression (see _stall_evidence)
             early = max(start - c.stall_window, self._first[0] + 1)
             trials = start - early
             if trials < c.stall_cycles:
