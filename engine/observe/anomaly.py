@@ -244,7 +244,7 @@ class DetectorConfig:
     regression_z: float = 3.0
     """A batch is markedly worse when its log height above the fitted floor lies this many
     prediction deviations above the trend at the last normal cycle..."""
-    regression_min_excess: float = 1.0
+    regression_min_excess: float = 2.0
     """...and it lies this many level-to-best gaps above the level (median of the last
     ``regression_level`` normal batch bests): worse than where the job just was, not only short of
     where its trend was heading (a stall)."""
