@@ -158,10 +158,10 @@ class Finding:
 class DetectorConfig:
     """Bounds and sensitivities of the detector; a job sets any of them in its spec's
     ``anomaly_params`` (:meth:`from_params`). The defaults were chosen on ``bench/anomaly.py``
-    with its default seed and seeds 1-3 (precision 0.945-0.969, recall 0.952-0.966), and checked on
-    seeds 7, 11, 12345 (precision 0.94-0.97, recall 0.90-0.96), two fresh seeds of 2,400 runs
-    (precision 0.943-0.956, recall 0.950-0.954) and ``--plateau 0.5``; at most 0.03 false alarms
-    per 100 normal cycles, delay p50 2 cycles. Stalls are the weak kind: see bench/README.md."""
+    with its default seed and seeds 1-3 (precision 0.948-0.973, recall 0.948-0.972) and two seeds
+    of 2,400 runs, and checked on seeds 7, 11, 12345 (precision 0.95-0.98, recall 0.92-0.96),
+    ``--plateau 0.5`` and 14,400 fresh runs (precision 0.957, recall 0.950); at most 0.03 false
+    alarms per 100 normal cycles, delay p50 2 cycles. Stalls are the weak kind: bench/README.md."""
 
     failure_share_bound: float = 0.25
     """A cycle (or the pooled window) must fail more than this share to be a burst."""
