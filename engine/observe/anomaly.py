@@ -85,8 +85,8 @@ The kinds (stable names; events are ``refinement.anomaly.<kind>``):
 A stall and a regression share symptoms (a search that lost ground makes no progress; a stalled
 population's batch bests wander, and spread wider when it moves again), so one is not reported
 while the other's episode is open, nor a regression within ``stall_quiet_cycles`` after a stall,
-nor a stall on a cycle whose batch best lies ``regression_hold_z`` deviations above the trend (a
-regression's first batches are what end the trend the stall tests look for).
+nor a stall on a cycle whose batch best is a regression suspect (``regression_hold_z`` deviations
+above the trend: a regression's first batches are what end the trend the stall tests look for).
 ``slow_cycle``
     The cycle took longer than ``max_cycle_seconds`` (if set), or, in ``timing_cycles`` of the
     last ``timing_cycles + 1`` cycles, its duration is more than ``timing_z`` robust deviations
@@ -493,7 +493,7 @@ class AnomalyDetector:
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         self._suspect: deque[bool] = deque(maxlen=c.regression_cycles)  # ...over regression_hold_z
         self._excess: deque[float] = deque(maxlen=c.regression_cycles)  # ...and above the level
-        self._suspect_now = False  # this cycle's batch best is over regression_hold_z
+        self._suspect_now = False  # this cycle's batch best is a regression suspect
         # timing
         self._timing = _Timing(
             deque(maxlen=c.timing_window), deque(maxlen=c.timing_window), deque(maxlen=c.timing_window)
@@ -582,8 +582,8 @@ class AnomalyDetector:
         each episode's symptoms look like the other kind for a while. The first one named
         is the cause; the other is not reported while it is open, nor (a regression) for
         ``stall_quiet_cycles`` after a stall ended. Nor is a stall named on a cycle whose batch
-        best lies ``regression_hold_z`` deviations above the trend: a regression may be starting,
-        and its first batches are what made the stall tests see the trend lost.
+        best is a regression suspect (see :meth:`_regression`): a regression may be starting, and
+        its first batches are what made the stall tests see the trend lost.
         """
         stall, regression = self._episodes["stall"], self._episodes["regression"]
         if stall.open:
