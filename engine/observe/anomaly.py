@@ -492,7 +492,7 @@ class AnomalyDetector:
         self._floor_fit: tuple[int, float | None] | None = None  # (up to cycle, floor): _floor_share
         self._worse: deque[bool] = deque(maxlen=c.regression_cycles + 1)  # recent cycles' verdicts
         self._suspect: deque[bool] = deque(maxlen=c.regression_cycles)  # ...over regression_hold_z
-        self._excess: deque[float] = deque(maxlen=c.regression_cycles)  # ...and above the level
+        self._far: deque[bool] = deque(maxlen=c.regression_cycles)  # ...regression_run_excess above the level
         self._suspect_now = False  # this cycle's batch best is a regression suspect
         # timing
         self._timing = _Timing(
@@ -774,7 +774,7 @@ class AnomalyDetector:
         now = record.cycle
         for w in c.stall_slowdown_windows:
             start = now - w + 1  # the recent window: cycles start..now
-            if self._regression_ended is not None and start <= self._regression_ended:
+            if _reaches(start, self._regression_ended):
                 break  # the window reaches back into a reported regression (see _stall_evidence)
             early = max(start - c.stall_window, self._first[0] + 1)
             trials = start - early
@@ -827,7 +827,7 @@ class AnomalyDetector:
             history = min(n - w, c.stall_window)
             if history < 2 * c.stall_cycles:
                 continue
-            if self._regression_ended is not None and self._rank_cycles[n - w] <= self._regression_ended:
+            if _reaches(self._rank_cycles[n - w], self._regression_ended):
                 continue  # the window holds a regression's batches: they lost the trend for that
             hi, lo = n - w - 1, n - w - history  # the history: positions lo..hi
             pairs = concordant = lag_sum = 0.0
@@ -881,7 +881,7 @@ class AnomalyDetector:
             return None
         window = self._last_batches(w)
         start = window[0][0]
-        if any(ended is not None and start <= ended for ended in (self._regression_ended, self._stall_ended)):
+        if _reaches(start, self._regression_ended) or _reaches(start, self._stall_ended):
             return None  # a regression's batches lost the trend for that; a reported stall's, too
         losses = [b for _, b in window]
         total = 0
@@ -1070,7 +1070,7 @@ class AnomalyDetector:
         suspect = above_level and (z > c.regression_hold_z or (far and z > c.regression_far_z))
         self._worse.append(worse)
         self._suspect.append(suspect)
-        self._excess.append(excess)
+        self._far.append(far)
         self._suspect_now = suspect
         # What is learned as normal: not a worse batch, nor one of a stalled search; a suspect one
         # (above the trend, short of the bound) once regression_cycles more passed without a
@@ -1093,8 +1093,7 @@ class AnomalyDetector:
         # then) or all far above the level (a young trend's deviation is loose).
         last_worse = sum(itertools.islice(reversed(self._worse), c.regression_cycles))
         run_of_suspects = len(self._suspect) == self._suspect.maxlen and all(self._suspect)
-        far_above = min(self._excess, default=0.0) > c.regression_run_excess
-        if run_of_suspects and (last_worse >= c.regression_cycles - 1 or far_above):
+        if run_of_suspects and (last_worse >= c.regression_cycles - 1 or all(self._far)):
             worse, episode.run = True, max(episode.run, c.regression_cycles)
             if self._held and self._held[-1][0] == record.cycle:
                 self._held.pop()  # a regressed batch after all: never learned
@@ -1474,6 +1473,12 @@ def _fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
     unit = statistics.median(abs(b - a) for a, b in itertools.pairwise(losses)) or max(losses) - low
     trend = _fit_trend(points, below=low, unit=unit, decades=(-1.5, 4.5), trim=3.0)
     return None if trend is None else trend.floor
+
+
+def _reaches(start: int, ended: int | None) -> bool:
+    """Whether a window from cycle ``start`` on reaches back into an episode that was last open at
+    cycle ``ended`` (None: none was)."""
+    return ended is not None and start <= ended
 
 
 def _mann_kendall_sd(n: int) -> float:
