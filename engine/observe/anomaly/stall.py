@@ -22,6 +22,7 @@ from engine.observe.anomaly.stats import (
     beta_binomial_cdf,
     count_between,
     mann_kendall_sd,
+    mann_kendall_sum,
     wilson_bounds,
 )
 from engine.observe.anomaly.trend import fit_floor
@@ -235,12 +236,7 @@ class Stalls:
         start = window[0][0]
         if reaches(start, self._episodes.regression_ended) or reaches(start, self._episodes.stall_ended):
             return None  # a regression's batches lost the trend for that; a reported stall's, too
-        losses = [b for _, b in window]
-        total = 0
-        for i, a in enumerate(losses):
-            for b in losses[i + 1 :]:
-                total += (b < a) - (b > a)
-        z = total / mann_kendall_sd(w)
+        z = mann_kendall_sum([b for _, b in window]) / mann_kendall_sd(w)
         if z >= c.stall_flat_z:
             return None
         message = (

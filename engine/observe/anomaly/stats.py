@@ -5,14 +5,27 @@ from __future__ import annotations
 import bisect
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy import special
 
 MAD_TO_SIGMA = 1.4826
 """The median absolute deviation of a normal sample times this is its standard deviation."""
 
 
+def mann_kendall_sum(values: Sequence[float]) -> int:
+    """Kendall's S of ``values`` against their order, counted so that a downward trend is positive:
+    pairs that fall minus pairs that rise."""
+    x = np.asarray(values, dtype=float)
+    upper = np.triu_indices(len(x), 1)
+    return int(np.sign(np.subtract.outer(x, x))[upper].sum())
+
+
 def mann_kendall_sd(n: int) -> float:
-    """The standard deviation of the Mann-Kendall sum of ``n`` values without trend (or ties)."""
+    """The standard deviation of the Mann-Kendall sum of ``n`` values without trend (or ties).
+
+    Kendall's variance of S; scipy computes it inside ``kendalltau`` but does not expose it."""
     return math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
 
 
@@ -23,19 +36,13 @@ def count_between(events: list[tuple[int, float]], first: int, last: int) -> int
 
 
 def beta_binomial_cdf(k: int, n: int, a: float, b: float) -> float:
-    """P(X <= k) for X ~ BetaBinomial(n, a, b): successes in ``n`` trials at a rate known as Beta(a, b)."""
-    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) - math.lgamma(a + b + n)
-    total = 0.0
-    for i in range(k + 1):
-        total += math.exp(
-            math.lgamma(n + 1)
-            - math.lgamma(i + 1)
-            - math.lgamma(n - i + 1)
-            + math.lgamma(a + i)
-            + math.lgamma(b + n - i)
-            + log_norm
-        )
-    return min(total, 1.0)
+    """P(X <= k) for X ~ BetaBinomial(n, a, b): successes in ``n`` trials at a rate known as Beta(a, b).
+
+    The pmf summed with scipy.special (``scipy.stats.betabinom.cdf`` is the same sum at ~100x the
+    cost per call, and this runs every cycle)."""
+    i = np.arange(k + 1)
+    pmf = special.comb(n, i) * np.exp(special.betaln(i + a, n - i + b) - special.betaln(a, b))
+    return min(float(pmf.sum()), 1.0)
 
 
 def wilson_bounds(successes: float, trials: float, z: float = 1.645) -> tuple[float, float]:
@@ -56,24 +63,5 @@ def robust_z(value: float, sample: Iterable[float], sigma_floor: float) -> tuple
 
 
 def binomial_upper_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exact by summing terms until they stop counting."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    log_term = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q
-    total = 0.0
-    term = math.exp(log_term)
-    i = k
-    while i <= n:
-        total += term
-        if term < 1e-15 * total and i > n * p:
-            break
-        term *= (n - i) / (i + 1) * p / (1 - p)
-        i += 1
-    return min(total, 1.0)
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    return 1.0 if k <= 0 else float(special.bdtrc(k - 1, n, p))

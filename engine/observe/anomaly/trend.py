@@ -7,12 +7,14 @@ import itertools
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
 
 from engine.observe.anomaly.stats import MAD_TO_SIGMA
 
-_GOLDEN = (math.sqrt(5) - 1) / 2
-_FLOOR_REFINE_STEPS = 6  # golden-section steps that refine a trend's floor around the best grid step
+_FLOOR_XATOL = 0.005  # decades: how closely the bounded search pins a trend's floor between grid steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,80 @@ class Trend:
         return s * math.sqrt(1 + line + d * d * self.w2dd / self.sxx**2)
 
 
+def scored_trend(
+    points: Sequence[tuple[int, float]],
+    *,
+    below: float,
+    unit: float,
+    decades: tuple[float, float],
+    trim: float | None = None,
+    half_life: float | None = None,
+) -> tuple[float, Trend] | None:
+    """The convergence under which the losses ``points`` (cycle, loss) are most likely, and its
+    log-likelihood.
+
+    A converging search's losses close in on its floor geometrically, ``f + A exp(-r t)``, with a
+    log-normal batch noise: ``log(loss - f)`` is a line plus Gaussian noise (a job that levelled
+    off is the line with ``r = 0``). The floor is profiled -- the line and the noise fitted by
+    least squares for each candidate, the likelihood ``-n/2 log(RSS/n) - sum log(loss - f)``
+    counting the Jacobian of the log -- over floors ``unit * 10**g`` under ``below`` (at most the
+    lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades, refined by
+    a bounded scalar search (scipy's Brent) between the best one's neighbours. With ``trim``, losses more than
+    that many robust deviations above the line (the odd bad batch) are left out of it. With
+    ``half_life``, each loss weighs ``0.5 ** (age / half_life)`` (age from the last point's cycle)
+    in the line, its noise and the likelihood: a local fit that follows a bend. None when
+    the losses did not move (``unit`` is not positive) or span a single cycle.
+    """
+    if unit <= 0 or len(points) < 3:
+        return None
+    ts = np.array([float(t) for t, _ in points])
+    losses = np.array([b for _, b in points])
+    weights = np.ones(len(ts)) if half_life is None else 0.5 ** ((ts[-1] - ts) / half_life)
+    if weighted_line(ts, weights, losses, 0.0) is None:
+        return None  # a single cycle
+    fits: dict[float, tuple[float, Trend] | None] = {}
+
+    def fit(g: float) -> tuple[float, Trend] | None:
+        """(log-likelihood, trend) with the floor ``unit * 10**g`` under ``below``."""
+        if g in fits:
+            return fits[g]
+        floor = below - unit * 10.0**g
+        if floor >= below:
+            return None  # under the float resolution of the losses
+        ys = np.log(losses - floor)
+        trend = weighted_line(ts, weights, ys, floor)
+        kept_ws = weights
+        if trim is not None and trend is not None:
+            residuals = ys - (trend.mean + trend.slope * (ts - trend.tbar))
+            mad = MAD_TO_SIGMA * float(np.median(np.abs(residuals)))
+            if mad > 0 and (residuals >= trim * mad).any():
+                kept_ws = np.where(residuals < trim * mad, weights, 0.0)  # weight 0: left out
+                trend = None if np.count_nonzero(kept_ws) < 3 else weighted_line(ts, kept_ws, ys, floor)
+        result = None
+        if trend is not None:
+            jacobian = float(kept_ws @ ys)
+            result = -0.5 * trend.weight * math.log(trend.rss / trend.weight) - jacobian, trend
+        fits[g] = result
+        return result
+
+    grid = [decades[0] + k / 2 for k in range(int(2 * (decades[1] - decades[0])) + 1)]
+    scored = [(found[0], i) for i, g in enumerate(grid) if (found := fit(g)) is not None]
+    if not scored:
+        return None
+    _, i = max(scored)
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+
+    def cost(g: float) -> float:
+        found = fit(float(g))
+        return math.inf if found is None else -found[0]
+
+    refined = optimize.minimize_scalar(
+        cost, bounds=(lo, hi), method="bounded", options={"xatol": _FLOOR_XATOL}
+    )
+    best = max((found for found in (fit(grid[i]), fit(float(refined.x))) if found is not None), key=_score)
+    return best
+
+
 def fit_trend(
     points: Sequence[tuple[int, float]],
     *,
@@ -59,113 +135,41 @@ def fit_trend(
     trim: float | None = None,
     half_life: float | None = None,
 ) -> Trend | None:
-    """The convergence under which the losses ``points`` (cycle, loss) are most likely.
-
-    A converging search's losses close in on its floor geometrically, ``f + A exp(-r t)``, with a
-    log-normal batch noise: ``log(loss - f)`` is a line plus Gaussian noise (a job that levelled
-    off is the line with ``r = 0``). The floor is profiled -- the line and the noise fitted by
-    least squares for each candidate, the likelihood ``-n/2 log(RSS/n) - sum log(loss - f)``
-    counting the Jacobian of the log -- over floors ``unit * 10**g`` under ``below`` (at most the
-    lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades, refined by
-    golden-section search between the best one's neighbours. With ``trim``, losses more than
-    that many robust deviations above the line (the odd bad batch) are left out of it. With
-    ``half_life``, each loss weighs ``0.5 ** (age / half_life)`` (age from the last point's cycle)
-    in the line, its noise and the likelihood: a local fit that follows a bend. None when
-    the losses did not move (``unit`` is not positive) or span a single cycle.
-    """
-    if unit <= 0 or len(points) < 3:
-        return None
-    ts = [float(t) for t, _ in points]
-    losses = [b for _, b in points]
-    weights = [1.0] * len(ts) if half_life is None else [0.5 ** ((ts[-1] - t) / half_life) for t in ts]
-    design = _weighted_design(ts, weights)
-    if design is None:
-        return None
-
-    def fit(g: float) -> tuple[float, Trend] | None:
-        floor = below - unit * 10.0**g
-        if floor >= below:
-            return None  # under the float resolution of the losses
-        ys = [math.log(b - floor) for b in losses]
-        trend: Trend | None = _weighted_line(design, ts, weights, ys, floor)
-        kept_ts, kept_ws, kept_ys = ts, weights, ys
-        if trim is not None:
-            assert trend is not None
-            residuals = [y - trend.log_height(t) for t, y in zip(ts, ys, strict=True)]
-            mad = MAD_TO_SIGMA * statistics.median(abs(r) for r in residuals)
-            keep = [i for i, r in enumerate(residuals) if r < trim * mad] if mad > 0 else []
-            if mad > 0 and len(keep) < len(ys):
-                if len(keep) < 3:
-                    return None
-                kept_ts, kept_ws = [ts[i] for i in keep], [weights[i] for i in keep]
-                kept_ys = [ys[i] for i in keep]
-                kept = _weighted_design(kept_ts, kept_ws)
-                trend = None if kept is None else _weighted_line(kept, kept_ts, kept_ws, kept_ys, floor)
-        if trend is None:
-            return None
-        jacobian = sum(w * y for w, y in zip(kept_ws, kept_ys, strict=True))
-        return -0.5 * trend.weight * math.log(trend.rss / trend.weight) - jacobian, trend
-
-    grid = [decades[0] + k / 2 for k in range(int(2 * (decades[1] - decades[0])) + 1)]
-    fits = [fit(g) for g in grid]
-    scored = [(f[0], i) for i, f in enumerate(fits) if f is not None]
-    if not scored:
-        return None
-    _, i = max(scored)
-    chosen = fits[i]
-    assert chosen is not None
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-    fa, fb = fit(a), fit(b)
-    for _ in range(_FLOOR_REFINE_STEPS):
-        if fa is not None and (fb is None or fa[0] >= fb[0]):
-            hi, b, fb = b, a, fa
-            a = hi - _GOLDEN * (hi - lo)
-            fa = fit(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + _GOLDEN * (hi - lo)
-            fb = fit(b)
-    for candidate in (fa, fb):
-        if candidate is not None and candidate[0] > chosen[0]:
-            chosen = candidate
-    return chosen[1]
+    """The convergence of :func:`scored_trend` (without its likelihood)."""
+    scored = scored_trend(points, below=below, unit=unit, decades=decades, trim=trim, half_life=half_life)
+    return None if scored is None else scored[1]
 
 
-def _weighted_design(ts: list[float], ws: list[float]) -> Trend | None:
-    """What the weighted least-squares line of any losses on the cycles ``ts`` shares (their
-    weights' sums, ``tbar``, ``sxx``; the line itself left at 0 for :func:`_weighted_line` to
-    fill in); None when ``ts`` are all one cycle."""
-    weight = sum(ws)
-    tbar = sum(w * t for w, t in zip(ws, ts, strict=True)) / weight
-    dt = [t - tbar for t in ts]
-    sxx = sum(w * d * d for w, d in zip(ws, dt, strict=True))
+def _score(found: tuple[float, Trend]) -> float:
+    return found[0]
+
+
+def weighted_line(ts: np.ndarray, ws: np.ndarray, ys: np.ndarray, floor: float) -> Trend | None:
+    """The weighted least-squares line of ``ys`` (log heights above ``floor``) on the cycles ``ts``
+    (a weight of 0 leaves a point out); None when the weighted cycles are all one."""
+    weight = float(ws.sum())
+    tbar = float(ws @ ts) / weight
+    dt = ts - tbar
+    sxx = float(ws @ (dt * dt))
     if sxx <= 0:
         return None
-    w2 = [w * w for w in ws]
+    mean = float(ws @ ys) / weight
+    slope = float((ws * dt) @ ys) / sxx
+    residuals = ys - mean - slope * dt
+    rss = float(ws @ (residuals * residuals))
+    w2 = ws * ws
     return Trend(
-        floor=0.0,
-        mean=0.0,
-        slope=0.0,
+        floor=floor,
+        mean=mean,
+        slope=slope,
         tbar=tbar,
         sxx=sxx,
-        rss=0.0,
+        rss=max(rss, 1e-12 * weight),
         weight=weight,
-        w2=sum(w2),
-        w2d=sum(v * d for v, d in zip(w2, dt, strict=True)),
-        w2dd=sum(v * d * d for v, d in zip(w2, dt, strict=True)),
+        w2=float(w2.sum()),
+        w2d=float(w2 @ dt),
+        w2dd=float(w2 @ (dt * dt)),
     )
-
-
-def _weighted_line(design: Trend, ts: list[float], ws: list[float], ys: list[float], floor: float) -> Trend:
-    """The weighted least-squares line of ``ys`` (log heights above ``floor``) on the cycles
-    ``ts`` of ``design``."""
-    dts = [t - design.tbar for t in ts]
-    wys = [w * y for w, y in zip(ws, ys, strict=True)]
-    mean = sum(wys) / design.weight
-    slope = sum(d * v for d, v in zip(dts, wys, strict=True)) / design.sxx
-    rss = sum(w * (y - mean - slope * d) ** 2 for w, d, y in zip(ws, dts, ys, strict=True))
-    return replace(design, floor=floor, mean=mean, slope=slope, rss=max(rss, 1e-12 * design.weight))
 
 
 def fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
