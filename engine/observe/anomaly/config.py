@@ -77,7 +77,7 @@ class DetectorConfig:
     stall_resume: Count = 3
     """Improvements that end a stall episode (a stalled search still draws the odd lucky batch)."""
     stall_slowdown_windows: Windows = (8, 12, 16, 20)
-    """Recent windows in which a sharp drop of the improvement rate is a stall (see the module doc)."""
+    """Recent windows in which a sharp drop of the improvement rate is a stall."""
     stall_slowdown_alpha: Probability = 1e-3
     """...how improbable the drop must be at the job's rate before the window."""
     stall_slowdown_flat_alpha: Probability = 3e-3
@@ -86,7 +86,7 @@ class DetectorConfig:
     """Batch bests "stopped closing in" when the median log height above the best of the later half
     of them is less than this below the earlier half's."""
     stall_rank_windows: RankWindows = (8, 12, 16, 24)
-    """Recent windows of batch bests whose ranks are tested for lost trend (see the module doc)."""
+    """Recent windows of batch bests whose ranks are tested for lost trend (see docs/anomaly-detection.md)."""
     stall_rank_z: Positive = 4.0
     """The shortfall of a window's rank trend (in deviations) that is a stall on its own."""
     stall_rank_confirm_z: Number = 1.5

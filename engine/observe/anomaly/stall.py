@@ -315,7 +315,7 @@ class Stalls:
     def _far_from_goal(
         self, best: float, last_improvement: int, until: int | None = None
     ) -> tuple[bool, str]:
-        """Whether the job is still far from its goal (see the module doc); without a target, the
+        """Whether the job is still far from its goal (see docs/anomaly-detection.md); without a target, the
         floor is fitted to its batch bests up to cycle ``until`` (the last improvement unless
         given: the cycle before the window that lost the pace) and a reason why."""
         c = self.config
@@ -331,7 +331,7 @@ class Stalls:
         gained = first_best - best
         if gained <= 0:
             return True, "no progress since the first cycle"
-        # The floor the batch bests up to the last improvement converged to (see _fit_trend).
+        # The floor the batch bests up to the last improvement converged to (see .trend.fit_trend).
         fitted = self._floor_share(best, last_improvement if until is None else until)
         if fitted is not None:
             return (
