@@ -38,11 +38,12 @@ def count_between(events: list[tuple[int, float]], first: int, last: int) -> int
 def beta_binomial_cdf(k: int, n: int, a: float, b: float) -> float:
     """P(X <= k) for X ~ BetaBinomial(n, a, b): successes in ``n`` trials at a rate known as Beta(a, b).
 
-    The pmf summed with scipy.special (``scipy.stats.betabinom.cdf`` is the same sum at ~100x the
-    cost per call, and this runs every cycle)."""
+    The pmf, ``C(n, i) B(i + a, n - i + b) / B(a, b)`` with ``C(n, i) = 1 / ((n + 1) B(n - i + 1, i + 1))``,
+    summed with scipy.special (``scipy.stats.betabinom.cdf`` is the same sum at ~100x the cost a
+    call, and this runs every cycle)."""
     i = np.arange(k + 1)
-    pmf = special.comb(n, i) * np.exp(special.betaln(i + a, n - i + b) - special.betaln(a, b))
-    return min(float(pmf.sum()), 1.0)
+    log_pmf = special.betaln(i + a, n - i + b) - special.betaln(n - i + 1, i + 1) - special.betaln(a, b)
+    return min(float(np.exp(log_pmf).sum()) / (n + 1), 1.0)
 
 
 def wilson_bounds(successes: float, trials: float, z: float = 1.645) -> tuple[float, float]:

@@ -7,14 +7,13 @@ import itertools
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import optimize
 
 from engine.observe.anomaly.stats import MAD_TO_SIGMA
 
-_FLOOR_XATOL = 0.005  # decades: how closely the bounded search pins a trend's floor between grid steps
+_REFINE_POINTS = (41, 21)  # grids between the best step's neighbours: steps of 0.025, then 0.0025 decades
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +68,9 @@ def scored_trend(
     off is the line with ``r = 0``). The floor is profiled -- the line and the noise fitted by
     least squares for each candidate, the likelihood ``-n/2 log(RSS/n) - sum log(loss - f)``
     counting the Jacobian of the log -- over floors ``unit * 10**g`` under ``below`` (at most the
-    lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades, refined by
-    a bounded scalar search (scipy's Brent) between the best one's neighbours. With ``trim``, losses more than
+    lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades, refined on finer
+    grids between the best one's neighbours (all candidates of a grid in one numpy pass: cheaper
+    than a sequential golden-section or Brent search). With ``trim``, losses more than
     that many robust deviations above the line (the odd bad batch) are left out of it. With
     ``half_life``, each loss weighs ``0.5 ** (age / half_life)`` (age from the last point's cycle)
     in the line, its noise and the likelihood: a local fit that follows a bend. None when
@@ -81,49 +81,107 @@ def scored_trend(
     ts = np.array([float(t) for t, _ in points])
     losses = np.array([b for _, b in points])
     weights = np.ones(len(ts)) if half_life is None else 0.5 ** ((ts[-1] - ts) / half_life)
-    if weighted_line(ts, weights, losses, 0.0) is None:
-        return None  # a single cycle
-    fits: dict[float, tuple[float, Trend] | None] = {}
 
-    def fit(g: float) -> tuple[float, Trend] | None:
-        """(log-likelihood, trend) with the floor ``unit * 10**g`` under ``below``."""
-        if g in fits:
-            return fits[g]
-        floor = below - unit * 10.0**g
-        if floor >= below:
-            return None  # under the float resolution of the losses
-        ys = np.log(losses - floor)
-        trend = weighted_line(ts, weights, ys, floor)
-        kept_ws = weights
-        if trim is not None and trend is not None:
-            residuals = ys - (trend.mean + trend.slope * (ts - trend.tbar))
-            mad = MAD_TO_SIGMA * float(np.median(np.abs(residuals)))
-            if mad > 0 and (residuals >= trim * mad).any():
-                kept_ws = np.where(residuals < trim * mad, weights, 0.0)  # weight 0: left out
-                trend = None if np.count_nonzero(kept_ws) < 3 else weighted_line(ts, kept_ws, ys, floor)
-        result = None
-        if trend is not None:
-            jacobian = float(kept_ws @ ys)
-            result = -0.5 * trend.weight * math.log(trend.rss / trend.weight) - jacobian, trend
-        fits[g] = result
-        return result
+    def most_likely(gs: np.ndarray) -> tuple[float, int, _Lines]:
+        lines = _fit_floors(ts, weights, losses, below - unit * 10.0**gs, below, trim)
+        k = int(np.argmax(lines.likelihood))
+        return float(lines.likelihood[k]), k, lines
 
-    grid = [decades[0] + k / 2 for k in range(int(2 * (decades[1] - decades[0])) + 1)]
-    scored = [(found[0], i) for i, g in enumerate(grid) if (found := fit(g)) is not None]
-    if not scored:
+    grid = decades[0] + 0.5 * np.arange(int(2 * (decades[1] - decades[0])) + 1)
+    likelihood, i, lines = most_likely(grid)
+    if likelihood == -math.inf:
         return None
-    _, i = max(scored)
+    # Refined between the best step's neighbours, twice, on a finer grid each time.
+    best = (likelihood, lines.trend(i))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-
-    def cost(g: float) -> float:
-        found = fit(float(g))
-        return math.inf if found is None else -found[0]
-
-    refined = optimize.minimize_scalar(
-        cost, bounds=(lo, hi), method="bounded", options={"xatol": _FLOOR_XATOL}
-    )
-    best = max((found for found in (fit(grid[i]), fit(float(refined.x))) if found is not None), key=_score)
+    for points_between in _REFINE_POINTS:
+        gs = np.linspace(lo, hi, points_between)
+        likelihood, j, lines = most_likely(gs)
+        if likelihood > best[0]:
+            best = (likelihood, lines.trend(j))
+        lo, hi = gs[max(j - 1, 0)], gs[min(j + 1, len(gs) - 1)]
     return best
+
+
+@dataclass(frozen=True)
+class _Lines:
+    """Weighted least-squares lines of several rows of log heights (one row per candidate floor);
+    a row that cannot be fitted has likelihood ``-inf``."""
+
+    floor: np.ndarray
+    mean: np.ndarray
+    slope: np.ndarray
+    tbar: np.ndarray
+    sxx: np.ndarray
+    rss: np.ndarray
+    weight: np.ndarray
+    w2: np.ndarray
+    w2d: np.ndarray
+    w2dd: np.ndarray
+    likelihood: np.ndarray
+
+    def trend(self, row: int) -> Trend:
+        return Trend(
+            *(float(getattr(self, name)[row]) for name in ("floor", "mean", "slope", "tbar", "sxx", "rss")),
+            *(float(getattr(self, name)[row]) for name in ("weight", "w2", "w2d", "w2dd")),
+        )
+
+
+def _weighted_lines(ts: np.ndarray, ws: np.ndarray, ys: np.ndarray, floors: np.ndarray) -> _Lines:
+    """Row by row, the weighted least-squares line of ``ys`` on ``ts`` with weights ``ws`` (2-D,
+    a weight of 0 leaves a point out), and the profile log-likelihood of its floor (the noise's,
+    with the Jacobian of the log)."""
+    weight = ws.sum(axis=1)
+    tbar = (ws @ ts) / weight
+    dt = ts[None, :] - tbar[:, None]
+    sxx = (ws * dt * dt).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = (ws * ys).sum(axis=1) / weight
+        slope = (ws * dt * ys).sum(axis=1) / sxx
+        residuals = ys - mean[:, None] - slope[:, None] * dt
+        rss = np.maximum((ws * residuals * residuals).sum(axis=1), 1e-12 * weight)
+        likelihood = -0.5 * weight * np.log(rss / weight) - (ws * ys).sum(axis=1)
+    w2 = ws * ws
+    likelihood = np.where(sxx > 0, likelihood, -math.inf)
+    return _Lines(
+        floors,
+        mean,
+        slope,
+        tbar,
+        sxx,
+        rss,
+        weight,
+        w2.sum(axis=1),
+        (w2 * dt).sum(axis=1),
+        (w2 * dt * dt).sum(axis=1),
+        likelihood,
+    )
+
+
+def _fit_floors(
+    ts: np.ndarray,
+    weights: np.ndarray,
+    losses: np.ndarray,
+    floors: np.ndarray,
+    below: float,
+    trim: float | None,
+) -> _Lines:
+    """The lines of ``log(losses - floor)`` for each of ``floors`` (see :func:`scored_trend`)."""
+    valid = floors < below  # else under the float resolution of the losses
+    heights = np.where(valid[:, None], losses[None, :] - floors[:, None], 1.0)
+    ys = np.log(heights)
+    ws = np.broadcast_to(weights, ys.shape)
+    lines = _weighted_lines(ts, ws, ys, floors)
+    if trim is not None:
+        dt = ts[None, :] - lines.tbar[:, None]
+        residuals = ys - lines.mean[:, None] - lines.slope[:, None] * dt
+        mad = MAD_TO_SIGMA * np.median(np.abs(residuals), axis=1)
+        drop = (mad > 0)[:, None] & (residuals >= trim * mad[:, None])
+        if drop.any():
+            ws = np.where(drop, 0.0, ws)
+            valid &= np.count_nonzero(ws, axis=1) >= 3
+            lines = _weighted_lines(ts, ws, ys, floors)
+    return replace(lines, likelihood=np.where(valid, lines.likelihood, -math.inf))
 
 
 def fit_trend(
@@ -140,36 +198,11 @@ def fit_trend(
     return None if scored is None else scored[1]
 
 
-def _score(found: tuple[float, Trend]) -> float:
-    return found[0]
-
-
 def weighted_line(ts: np.ndarray, ws: np.ndarray, ys: np.ndarray, floor: float) -> Trend | None:
     """The weighted least-squares line of ``ys`` (log heights above ``floor``) on the cycles ``ts``
     (a weight of 0 leaves a point out); None when the weighted cycles are all one."""
-    weight = float(ws.sum())
-    tbar = float(ws @ ts) / weight
-    dt = ts - tbar
-    sxx = float(ws @ (dt * dt))
-    if sxx <= 0:
-        return None
-    mean = float(ws @ ys) / weight
-    slope = float((ws * dt) @ ys) / sxx
-    residuals = ys - mean - slope * dt
-    rss = float(ws @ (residuals * residuals))
-    w2 = ws * ws
-    return Trend(
-        floor=floor,
-        mean=mean,
-        slope=slope,
-        tbar=tbar,
-        sxx=sxx,
-        rss=max(rss, 1e-12 * weight),
-        weight=weight,
-        w2=float(w2.sum()),
-        w2d=float(w2 @ dt),
-        w2dd=float(w2 @ (dt * dt)),
-    )
+    lines = _weighted_lines(ts, ws[None, :], ys[None, :], np.array([floor]))
+    return lines.trend(0) if lines.likelihood[0] > -math.inf else None
 
 
 def fit_floor(points: Sequence[tuple[int, float]]) -> float | None:
