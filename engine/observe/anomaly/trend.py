@@ -158,6 +158,38 @@ def _weighted_lines(ts: np.ndarray, ws: np.ndarray, ys: np.ndarray, floors: np.n
     )
 
 
+def _lines_with_shared_weights(ts: np.ndarray, w: np.ndarray, ys: np.ndarray, floors: np.ndarray) -> _Lines:
+    """:func:`_weighted_lines` when every row has the weights ``w`` (1-D): the cycles' sums are
+    shared, and the rows' are matrix-vector products (the common case, and the hot one)."""
+    k = len(floors)
+    weight = float(w.sum())
+    tbar = float(w @ ts) / weight
+    dt = ts - tbar
+    sxx = float(w @ (dt * dt))
+    if sxx <= 0:
+        return _weighted_lines(ts, np.broadcast_to(w, ys.shape), ys, floors)
+    w2 = w * w
+    weighted_sum = ys @ w
+    mean = weighted_sum / weight
+    slope = ys @ (w * dt) / sxx
+    residuals = ys - mean[:, None] - slope[:, None] * dt
+    rss = np.maximum((residuals * residuals) @ w, 1e-12 * weight)
+    likelihood = -0.5 * weight * np.log(rss / weight) - weighted_sum
+    return _Lines(
+        floors,
+        mean,
+        slope,
+        np.full(k, tbar),
+        np.full(k, sxx),
+        rss,
+        np.full(k, weight),
+        np.full(k, float(w2.sum())),
+        np.full(k, float(w2 @ dt)),
+        np.full(k, float(w2 @ (dt * dt))),
+        likelihood,
+    )
+
+
 def _fit_floors(
     ts: np.ndarray,
     weights: np.ndarray,
@@ -170,15 +202,14 @@ def _fit_floors(
     valid = floors < below  # else under the float resolution of the losses
     heights = np.where(valid[:, None], losses[None, :] - floors[:, None], 1.0)
     ys = np.log(heights)
-    ws = np.broadcast_to(weights, ys.shape)
-    lines = _weighted_lines(ts, ws, ys, floors)
+    lines = _lines_with_shared_weights(ts, weights, ys, floors)
     if trim is not None:
         dt = ts[None, :] - lines.tbar[:, None]
         residuals = ys - lines.mean[:, None] - lines.slope[:, None] * dt
         mad = MAD_TO_SIGMA * np.median(np.abs(residuals), axis=1)
         drop = (mad > 0)[:, None] & (residuals >= trim * mad[:, None])
         if drop.any():
-            ws = np.where(drop, 0.0, ws)
+            ws = np.where(drop, 0.0, weights[None, :])
             valid &= np.count_nonzero(ws, axis=1) >= 3
             lines = _weighted_lines(ts, ws, ys, floors)
     return replace(lines, likelihood=np.where(valid, lines.likelihood, -math.inf))
