@@ -2,7 +2,7 @@
 
 Idempotent: each object is read first and created, updated or left alone; the returned
 :class:`SetupReport` says which. Limits must exist before they are used: a missing global limit is
-silently not enforced unless ``strict=True`` (DESIGN.md section 7).
+silently not enforced unless ``strict=True`` (docs/architecture.md section 7).
 """
 
 from __future__ import annotations

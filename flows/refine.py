@@ -1,7 +1,7 @@
 """The ``refine`` flow: one Prefect flow run per job, each cycle's stages as Prefect tasks.
 
 The per-candidate fan-out happens on Dask futures inside the ``evaluate`` task, never as one
-Prefect task per candidate (docs/architecture.md, "Traps": that costs 177-367 ms a candidate).
+Prefect task per candidate (docs/architecture.md section 4: that costs 177-367 ms a candidate).
 """
 
 from __future__ import annotations

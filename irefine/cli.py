@@ -605,7 +605,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _silence_shutdown() -> None:
     # Prefect's ephemeral server prints CancelledError tracebacks while it shuts down at exit
-    # (docs/architecture.md, "Traps"). The job's outcome is printed and stored by now; drop that noise.
+    # (docs/architecture.md section 10). The job's outcome is printed and stored by now; drop that noise.
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
