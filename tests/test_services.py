@@ -140,8 +140,9 @@ async def _deployment_run(client: Any, parameters: dict[str, Any]) -> tuple[Any,
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_a_deployment_run_uses_the_store_and_cache_of_its_block_set(
-    prefect_api: str, ire_env: dict[str, str], postgres_url: str, redis_server: Any
+    prefect_api: str, ire_env: dict[str, str], postgres_url: str, redis_server: Any, tmp_path: Path
 ) -> None:
     from prefect import get_client
 
@@ -157,15 +158,17 @@ def test_a_deployment_run_uses_the_store_and_cache_of_its_block_set(
 
     run, limits = asyncio.run(create())
     try:
-        done = subprocess.run(  # as a worker runs it
-            [sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
-            env={**ire_env, "PREFECT_API_URL": prefect_api},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        output = tmp_path / "flow-run.log"
+        with output.open("w") as sink:
+            code = subprocess.run(  # as a worker runs it
+                [sys.executable, "-m", "prefect", "flow-run", "execute", str(run.id)],
+                env={**ire_env, "PREFECT_API_URL": prefect_api},
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                timeout=400,
+            ).returncode
+        assert code == 0, output.read_text()[-4000:]
         with JobStore(postgres_url) as store:  # the block's store has the job ...
             record = store.get_job("from-blocks", fresh=True)
             assert record.status is JobStatus.COMPLETED and record.evaluations == 8
