@@ -23,6 +23,7 @@ from engine.runner import create_job, open_job
 from engine.services import services_from_settings
 from engine.settings import Settings, load_settings
 from engine.store import JobRecord, JobStatus, JobStore
+from tests.test_run_logs import _cleanup, _deployment_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = {
@@ -113,31 +114,6 @@ def test_open_job_creates_resumes_or_finds_the_completed_job(sqlite_url: str) ->
 # -- a deployment run on a block set ----------------------------------------------------------------
 
 
-async def _deployment_run(client: Any, parameters: dict[str, Any]) -> tuple[Any, list[str]]:
-    """A flow run of a fresh deployment of the refine flow, and the global limits made for it."""
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
-
-    from flows.limits import EVALUATIONS_LIMIT, RUNNING_JOBS_LIMIT
-
-    created = []
-    for name in (RUNNING_JOBS_LIMIT, EVALUATIONS_LIMIT):  # the run takes slots of both
-        try:
-            await client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=4))
-            created.append(name)
-    flow_id = await client.create_flow_from_name("refine")
-    deployment_id = await client.create_deployment(
-        flow_id=flow_id,
-        name=f"services-{uuid.uuid4().hex[:8]}",
-        entrypoint="flows/refine.py:refine",
-        path=str(ROOT),
-    )
-    run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
-    return run, created
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -154,7 +130,7 @@ def test_a_deployment_run_uses_the_store_and_cache_of_its_block_set(
 
     async def create() -> tuple[Any, list[str]]:
         async with get_client() as client:
-            return await _deployment_run(client, parameters)
+            return await _deployment_run(client, parameters)  # tests/test_run_logs.py
 
     run, limits = asyncio.run(create())
     try:
@@ -182,9 +158,7 @@ def test_a_deployment_run_uses_the_store_and_cache_of_its_block_set(
 
         async def cleanup() -> None:
             async with get_client() as client:
-                await client.delete_deployment(run.deployment_id)
-                for name in limits:
-                    await client.delete_global_concurrency_limit_by_name(name)
+                await _cleanup(client, run, limits)
 
         asyncio.run(cleanup())
         for block in (JobStoreBlock, InferenceCacheBlock):

@@ -34,14 +34,8 @@ class CacheConfig:
 
     def open(self) -> InferenceCache:
         self.home.mkdir(parents=True, exist_ok=True)
-        return open_cache(
-            self.redis_url,
-            self.home,
-            namespace=self.namespace,
-            ttl_seconds=self.ttl_seconds,
-            max_entries=self.max_entries,
-            manage_server=self.manage_server,
-        )
+        options = {name: getattr(self, name) for name in ("namespace", "ttl_seconds", "max_entries")}
+        return open_cache(self.redis_url, self.home, manage_server=self.manage_server, **options)
 
 
 _OPEN: dict[CacheConfig, InferenceCache] = {}
