@@ -137,7 +137,7 @@ def crash_after_evaluate(cycle: int, seen: dict[str, int]) -> Callable[..., Any]
     def stages(stage: str, cycle_no: int, fn: Callable[..., Any], *args: Any) -> Any:
         out = call_stage(stage, cycle_no, fn, *args)
         if stage == "evaluate" and cycle_no == cycle:
-            seen["misses"] = args[0].last_cache_misses
+            seen["misses"] = out.cache_misses  # the EvaluatedBatch the stage returned
             raise SimulatedCrash(f"simulated crash after evaluating cycle {cycle}")
         return out
 
@@ -353,18 +353,18 @@ def flow_runs(address: str, home: Path, redis_url: str, cycles: int) -> dict[str
     warm_up_s, _ = timed("flow-warm-up", job_spec(1, batch=4, seed=98))
     spec = job_spec(cycles)
     cold_s, cold = timed("flow-cold", spec)
-    log(f"flow cold: {cold_s:.2f} s, misses {cold['cache_misses']}")
+    log(f"flow cold: {cold_s:.2f} s, misses {cold.cache_misses}")
     warm_s, warm = timed("flow-warm", spec)
-    log(f"flow warm: {warm_s:.3f} s, misses {warm['cache_misses']}, cached {warm['cached']}")
+    log(f"flow warm: {warm_s:.3f} s, misses {warm.cache_misses}, cached {warm.cached_evaluations}")
     return {
         "warm_speedup_flow": round(cold_s / warm_s, 1),
         "flow": {
             "cold_s": round(cold_s, 3),
             "warm_s": round(warm_s, 3),
             "warm_up_s": round(warm_up_s, 3),  # a 1-cycle run of 4 free-ish evaluations
-            "reevaluations_warm": warm["cache_misses"],
-            "hit_rate_warm": round(warm["cached"] / warm["evaluations"], 6),
-            "best_equal_cold": warm["best_score"] == cold["best_score"],
+            "reevaluations_warm": warm.cache_misses,
+            "hit_rate_warm": round(warm.cached_evaluations / warm.evaluations, 6),
+            "best_equal_cold": warm.best_score == cold.best_score,
         },
     }
 

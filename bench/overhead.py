@@ -202,16 +202,16 @@ def run_engine(case: Case, seed: int, cycles: int, dask_address: str) -> Run:
         start = time.perf_counter()
         result = run_refine(spec=spec, job_id=job_id, dask_address=dask_address)
         wall = time.perf_counter() - start
-    if result["cycles"] != cycles:
-        raise RuntimeError(f"engine run {job_id} ran {result['cycles']} cycles, not {cycles}: {result}")
-    if result["cached"]:
-        log(f"warning: engine run {job_id} took {result['cached']} evaluations from the cache")
+    if result.cycles != cycles:
+        raise RuntimeError(f"engine run {job_id} ran {result.cycles} cycles, not {cycles}: {result}")
+    if result.cached_evaluations:
+        log(f"warning: engine run {job_id} took {result.cached_evaluations} evaluations from the cache")
     store = JobStore.from_settings(load_settings())
     try:
         eval_seconds = sum(c.eval_seconds for c in store.cycles(job_id, fresh=True))
     finally:
         store.close()
-    return Run(wall, cycles, eval_seconds, dict(stages), cached=result["cached"])
+    return Run(wall, cycles, eval_seconds, dict(stages), cached=result.cached_evaluations)
 
 
 # -- one case: alternate the two, report medians --------------------------------------------------

@@ -8,7 +8,13 @@ from typing import ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from engine.cache import DEFAULT_NAMESPACE, DEFAULT_TTL_SECONDS, CacheConfig, InferenceCache
+from engine.cache import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_NAMESPACE,
+    DEFAULT_TTL_SECONDS,
+    CacheConfig,
+    InferenceCache,
+)
 
 
 class InferenceCacheBlock(Block):
@@ -29,7 +35,7 @@ class InferenceCacheBlock(Block):
         DEFAULT_NAMESPACE, min_length=1, description="key prefix: one per deployment sharing a Redis"
     )
     ttl_seconds: float = Field(DEFAULT_TTL_SECONDS, gt=0, description="default time to live of entries")
-    max_entries: int | None = Field(1_000_000, ge=1, description="bound of the embedded cache")
+    max_entries: int | None = Field(DEFAULT_MAX_ENTRIES, ge=1, description="bound of the embedded cache")
     manage_server: bool = Field(False, description="set Redis' eviction policy to allkeys-lru")
 
     def config(self, home: Path | None = None) -> CacheConfig:

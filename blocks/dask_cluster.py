@@ -127,9 +127,15 @@ class DaskClusterBlock(Block):
             "processes": True,
             "dashboard_address": ":0",  # any free port: two clusters on one machine must not clash
         }
-        if self.memory_limit is not None:
-            kwargs["memory_limit"] = self.memory_limit
+        kwargs["memory_limit"] = self._worker_memory_limit(kwargs["n_workers"])
         return kwargs
+
+    def _worker_memory_limit(self, n_workers: int) -> int:
+        """Bytes per local worker: ``memory_limit``, or the settings' default share of this machine
+        (the same rule as the settings' LocalCluster, so a leaking worker is restarted)."""
+        from engine.execution.dask import worker_memory_limit
+
+        return worker_memory_limit(self.memory_limit, n_workers)
 
     def kubernetes_cluster_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the ``dask_kubernetes.operator.KubeCluster`` that kind 'kubernetes' starts."""
@@ -178,9 +184,9 @@ class DaskClusterBlock(Block):
 
     def _start_cluster(self) -> Any:
         if self.kind == "local":
-            from distributed import LocalCluster
+            from engine.execution.dask import start_local_cluster
 
-            return LocalCluster(**self.local_cluster_kwargs())  # type: ignore[no-untyped-call]
+            return start_local_cluster(**self.local_cluster_kwargs())
         try:
             from dask_kubernetes.operator import KubeCluster
         except ImportError as exc:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -56,8 +56,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
 
-if TYPE_CHECKING:
-    from deployments.setup import SetupReport
+from deployments.report import SetupReport
 
 FLOW_NAME = "refine"
 NOTIFY_BLOCK = "irefine-notify"

@@ -2,16 +2,15 @@
 
 Idempotent: each object is read first and created, updated or left alone; the returned
 :class:`SetupReport` says which. Limits must exist before they are used: a missing global limit is
-silently not enforced unless ``strict=True`` (DESIGN.md section 7).
+silently not enforced unless ``strict=True`` (docs/architecture.md section 7).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import (
@@ -23,8 +22,11 @@ from prefect.client.schemas.actions import (
 from prefect.exceptions import ObjectNotFound
 
 from deployments.automations import AutomationPolicy, check_webhook_url, ensure_automations
-
-Outcome = Literal["created", "updated", "unchanged"]
+from deployments.report import Outcome as Outcome
+from deployments.report import SetupItem as SetupItem
+from deployments.report import SetupReport
+from flows.limits import EVALUATIONS_LIMIT as EVALUATIONS_LIMIT
+from flows.limits import RUNNING_JOBS_LIMIT as RUNNING_JOBS_LIMIT
 
 # Queue name -> (priority, concurrency limit). 1 is served first; None means no queue limit.
 QUEUES: dict[str, tuple[int, int | None]] = {
@@ -33,49 +35,9 @@ QUEUES: dict[str, tuple[int, int | None]] = {
     "normal": (3, 2),
     "low": (4, 1),
 }
-RUNNING_JOBS_LIMIT = "irefine-running-jobs"
-EVALUATIONS_LIMIT = "irefine-evaluations"
 SUBMISSIONS_LIMIT = "irefine-submissions"
 WORKER_POLL_LIMIT = "irefine-worker-poll"  # one worker polls at a time: deployments/worker.py
 AKS_TEMPLATE_PATH = Path(__file__).parent / "aks" / "base-job-template.json"
-
-
-@dataclass(frozen=True)
-class SetupItem:
-    """One object and what setup did to it."""
-
-    kind: str  # "work-pool", "work-queue", "concurrency-limit", "notification-block" or "automation"
-    name: str
-    outcome: Outcome
-    detail: str = ""
-
-    def line(self) -> str:
-        return f"{self.outcome:<9} {self.kind} {self.name}" + (f" ({self.detail})" if self.detail else "")
-
-
-@dataclass
-class SetupReport:
-    """What :func:`setup_prefect` created, updated and found unchanged, in order."""
-
-    items: list[SetupItem] = field(default_factory=list)
-
-    def add(self, kind: str, name: str, outcome: Outcome, detail: str = "") -> None:
-        self.items.append(SetupItem(kind, name, outcome, detail))
-
-    def names(self, outcome: Outcome) -> list[str]:
-        return [f"{i.kind} {i.name}" for i in self.items if i.outcome == outcome]
-
-    @property
-    def created(self) -> list[str]:
-        return self.names("created")
-
-    @property
-    def updated(self) -> list[str]:
-        return self.names("updated")
-
-    @property
-    def unchanged(self) -> list[str]:
-        return self.names("unchanged")
 
 
 def aks_base_job_template() -> dict[str, Any]:

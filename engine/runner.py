@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -25,7 +26,9 @@ from engine.core import (
     Candidate,
     CycleRecord,
     Evaluation,
+    JobExistsError,
     JobFailedError,
+    JobNotFoundError,
     JobSpec,
     Progress,
     ResourceUsage,
@@ -42,11 +45,11 @@ from engine.core import (
     stop_reason,
 )
 from engine.core.cycle import too_many_failures
-from engine.execution import Executor, ProblemRef, Writeback
+from engine.execution import EvaluatedBatch, Executor, ProblemRef, Writeback
 from engine.observe.anomaly import AnomalyDetector, DetectorConfig
 from engine.observe.logs import bind_log_context, set_log_cycle
 from engine.problems import load_problem, problem_space
-from engine.store import JobStatus, JobStore
+from engine.store import JobRecord, JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
 
 log = logging.getLogger("engine.runner")
@@ -65,9 +68,17 @@ def call_stage(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
 
 
 class CycleListener(Protocol):
-    """Told about a job's progress; called in the loop's thread, so it must be quick."""
+    """Told about a job's progress; called in the loop's thread, so it must be quick. What it
+    returns (an observer's findings, say) is its own business: the loop ignores it."""
 
-    def __call__(self, job: Job, record: CycleRecord) -> None: ...
+    def __call__(self, job: Job, record: CycleRecord) -> object: ...
+
+
+EvaluationSlots = Callable[[int], AbstractContextManager[None]]
+"""Holds slots (of a global limit, say) while an evaluate stage fans out into that many shards."""
+
+ResourceReader = Callable[[], ResourceUsage]
+"""Reads the CPU and memory in use, once a cycle on the loop's thread (so it must be quick)."""
 
 
 @dataclass
@@ -82,10 +93,6 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     cache: InferenceCache | None = None
     cache_config: CacheConfig | None = None
-    last_cache_misses: int = 0
-    # Set by whoever samples resources (the metrics observer): read once a cycle by ``record``,
-    # on the loop's thread, so it must be quick.
-    resource_usage: Callable[[], ResourceUsage] | None = None
 
     def cache_keys(self, candidates: Sequence[Candidate]) -> list[str]:
         """The cache key of each candidate (``key_prefix`` + fingerprint, as ``cache_key`` builds it)."""
@@ -150,9 +157,9 @@ def create_job(store: JobStore, spec: JobSpec, job_id: str | None = None) -> Job
     return job
 
 
-def resume_job(store: JobStore, job_id: str) -> Job:
-    """Rebuild a job from its last committed checkpoint."""
-    record = store.get_job(job_id)
+def resume_job(store: JobStore, job_id: str, record: JobRecord | None = None) -> Job:
+    """Rebuild a job from its last committed checkpoint (``record``: the job as just read)."""
+    record = record or store.get_job(job_id)
     if record.status is JobStatus.COMPLETED:
         raise SpecError(f"job {job_id!r} already completed ({record.stop_reason}): nothing to resume")
     job = build_job(job_id, record.spec)
@@ -161,6 +168,32 @@ def resume_job(store: JobStore, job_id: str) -> Job:
         job.strategy = restore_strategy(record.spec.strategy, job.space, checkpoint.state["strategy"])
         job.progress = Progress.from_dict(checkpoint.state["progress"])
     return job
+
+
+def open_job(store: JobStore, spec: JobSpec | None, job_id: str | None) -> Job | JobRecord:
+    """The job to run, built once: a new job for ``spec`` (under ``job_id`` or a fresh id), or the
+    job ``job_id`` resumed from its last checkpoint.
+
+    Both given, for a job that exists with that same spec, resume it (a rerun of a crashed flow
+    run continues its job); if that job has completed, its record is returned instead (nothing to
+    run). Raises :class:`SpecError` (nothing written) for bad input, another spec under the id, or
+    a completed job asked for by id alone.
+    """
+    if spec is None:
+        if job_id is None:
+            raise SpecError("give a job spec to start a job, or a job_id to resume one")
+        return resume_job(store, job_id)
+    if job_id is None:
+        return create_job(store, spec)
+    try:
+        record = store.get_job(job_id, fresh=True)
+    except JobNotFoundError:
+        return create_job(store, spec, job_id)
+    if record.spec != spec:
+        raise JobExistsError(f"job {job_id!r} exists with another spec: choose another job id")
+    if record.status is JobStatus.COMPLETED:
+        return record
+    return resume_job(store, job_id, record)
 
 
 class CycleCommitter:
@@ -237,13 +270,13 @@ AUTO_CACHE_MIN_SECONDS = 1e-3
 """With ``cache = "auto"``, evaluations faster than this are not worth a cache round trip."""
 
 
-def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> list[Evaluation]:
+def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> EvaluatedBatch:
     """Stage 2: look the batch up in the cache, evaluate the distinct misses on the executor
     (the Dask fan-out happens in there; workers write each result back as it finishes), and
-    return one evaluation per candidate. A repeat within the batch is paid for once."""
+    return one evaluation per candidate with the count of misses. A repeat within the batch is
+    paid for once."""
     if job.cache is None or job.cache_config is None:  # run_job attaches it unless cache = "off"
-        job.last_cache_misses = 0
-        return executor.evaluate(job.ref, candidates, job.spec.shard_size)
+        return EvaluatedBatch(executor.evaluate(job.ref, candidates, job.spec.shard_size))
     keys = job.cache_keys(candidates)
     found = job.cache.get_many(keys)
     todo: dict[str, int] = {}
@@ -262,9 +295,8 @@ def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> l
         else:  # a repeat of a candidate computed in this batch: not paid for twice
             ev = computed[key]
             out.append(replace(ev, status=Status.CACHED) if ev.ok else ev)
-    job.last_cache_misses = len(todo)
     _maybe_stop_caching(job, fresh)
-    return out
+    return EvaluatedBatch(out, cache_misses=len(todo))
 
 
 def _maybe_stop_caching(job: Job, computed: Sequence[Evaluation]) -> None:
@@ -286,11 +318,12 @@ def record(
     job: Job,
     committer: CycleCommitter,
     candidates: Sequence[Candidate],
-    evaluations: Sequence[Evaluation],
+    batch: EvaluatedBatch,
     cycle_seconds: float,
+    resources: ResourceUsage | None = None,
 ) -> CycleRecord:
     """Stage 3: tell the strategy, fold the cycle into the progress, and queue its commit."""
-    maximize = job.maximize
+    maximize, evaluations = job.maximize, batch.evaluations
     job.strategy.tell(candidates, losses(evaluations, maximize))
     job.progress, cycle = account_cycle(
         job.progress,
@@ -299,8 +332,8 @@ def record(
         maximize=maximize,
         tolerance=job.spec.tolerance,
         duration=cycle_seconds,
-        cache_misses=job.last_cache_misses,
-        resources=job.resource_usage() if job.resource_usage is not None else None,
+        cache_misses=batch.cache_misses,
+        resources=resources,
     )
     state = {"strategy": job.strategy.state(), "progress": job.progress.to_dict()}
     committer.commit_cycle(job, cycle, candidates, evaluations, state)
@@ -363,11 +396,16 @@ def run_job(
     stages: StageRunner = call_stage,
     listeners: Sequence[CycleListener] = (),
     cache: CacheConfig | None = None,
+    evaluation_slots: EvaluationSlots | None = None,
+    resource_usage: ResourceReader | None = None,
+    flow_run_id: str | None = None,
 ) -> JobResult:
     """Run ``job`` to a stop rule; record the outcome in the store and return it.
 
     With ``cache``, evaluations are looked up in (and written to) that inference cache unless the
-    job's spec says ``cache = "off"``.
+    job's spec says ``cache = "off"``. ``evaluation_slots`` wraps each evaluate stage (given its
+    shard count); ``resource_usage`` is read once a cycle into the cycle's record; the job is
+    marked running (by ``flow_run_id``, if given) once, here.
 
     Raises :class:`JobFailedError` (after recording it) when a cycle fails more than the spec
     allows; ``KeyboardInterrupt`` marks the job interrupted, resumable from its last checkpoint.
@@ -376,7 +414,7 @@ def run_job(
         job.cache, job.cache_config = process_cache(cache), cache
     committer = CycleCommitter(store)
     restarter = StallRestarter(job, store) if job.spec.restart_on_stall else None
-    store.set_status(job.job_id, JobStatus.RUNNING)
+    store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=flow_run_id)
     unbind_log_context = bind_log_context(job_id=job.job_id)
     try:
         reason = stop_reason(job.spec, job.progress, job.maximize)
@@ -387,7 +425,14 @@ def run_job(
             n = next_batch_size(job.spec, job.progress)
             candidates = stages("propose", cycle_no, propose, job, n)
             committer.release()  # write the last cycle while this one evaluates
-            evaluations = stages("evaluate", cycle_no, evaluate, job, executor, candidates)
+            slots = (
+                evaluation_slots(executor.shard_count(len(candidates), job.spec.shard_size))
+                if evaluation_slots is not None
+                else nullcontext()
+            )
+            with slots:
+                batch = stages("evaluate", cycle_no, evaluate, job, executor, candidates)
+            resources = resource_usage() if resource_usage is not None else None
             cycle = stages(
                 "record",
                 cycle_no,
@@ -395,8 +440,9 @@ def run_job(
                 job,
                 committer,
                 candidates,
-                evaluations,
+                batch,
                 time.perf_counter() - started,
+                resources,
             )
             for listener in listeners:
                 listener(job, cycle)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.cache.base import DEFAULT_MAX_ENTRIES, DEFAULT_NAMESPACE, DEFAULT_TTL_SECONDS
 from engine.core.errors import SpecError
 
 
@@ -29,9 +30,13 @@ class Settings(BaseSettings):
         "past 95% of it. Default: 80% of this machine's memory shared among the workers",
     )
     redis_url: str | None = Field(None, description="inference cache; default: the embedded cache")
-    cache_namespace: str = Field("ire", description="key prefix: one per deployment sharing a Redis")
-    cache_ttl_seconds: float = Field(7 * 24 * 3600.0, gt=0, description="default time to live of entries")
-    cache_max_entries: int | None = Field(1_000_000, ge=1, description="bound of the embedded cache")
+    cache_namespace: str = Field(
+        DEFAULT_NAMESPACE, description="key prefix: one per deployment sharing a Redis"
+    )
+    cache_ttl_seconds: float = Field(DEFAULT_TTL_SECONDS, gt=0, description="default time to live of entries")
+    cache_max_entries: int | None = Field(
+        DEFAULT_MAX_ENTRIES, ge=1, description="bound of the embedded cache"
+    )
     cache_manage_server: bool = Field(False, description="set Redis' eviction policy to allkeys-lru")
     notify_webhook_url: str | None = Field(
         None, description="webhook the automations notify through (irefine setup --notify-webhook)"

@@ -2,8 +2,9 @@
 
 For the whole run it
 
-- samples CPU and memory (the flow process, and each Dask worker through the scheduler) on a
-  background thread and lends the record stage a probe, so every stored cycle carries them;
+- feeds the CPU and memory sampled by :func:`start_resource_sampler` (the flow process, and each
+  Dask worker through the scheduler; the flow hands the loop a probe of it, so every stored cycle
+  carries them) and each cycle's figures to the job's metrics;
 - with ``IRE_METRICS_PORT`` set, serves the job's metrics (``engine.observe.metrics``) on
   ``http://IRE_METRICS_ADDR:PORT/metrics`` until the run ends.
 """
@@ -21,7 +22,6 @@ from prometheus_client import start_http_server
 from engine.core import CycleRecord
 from engine.observe.metrics import (
     JobMetrics,
-    ResourceProbe,
     ResourceSampler,
     WorkerReader,
     WorkerReading,
@@ -71,17 +71,22 @@ def queue_wait_seconds() -> float | None:
     return max(0.0, (started - expected).total_seconds())
 
 
+def start_resource_sampler(executor: Any) -> ResourceSampler:
+    """A started sampler of this process's and, on Dask, the workers' CPU and memory (the caller
+    stops it)."""
+    client = getattr(executor, "client", None)  # a DaskExecutor's; the in-process one has none
+    return ResourceSampler(dask_worker_reader(client) if client is not None else None, SAMPLE_SECONDS).start()
+
+
 class MetricsObserver:
-    """Feeds the job's metrics once a cycle; at finish stops the endpoint and the sampler."""
+    """Feeds the job's metrics once a cycle; at finish stops the endpoint."""
 
     def __init__(
         self,
         job: Job,
-        sampler: ResourceSampler,
         metrics: JobMetrics | None,
         server: tuple[WSGIServer, threading.Thread] | None,
     ) -> None:
-        self._sampler = sampler
         self._metrics = metrics
         self._server = server
         self._misses_seen = job.progress.cache_misses
@@ -92,21 +97,17 @@ class MetricsObserver:
             self._metrics.observe_cycle(record, misses)
 
     def finish(self, job: Job, result: dict[str, Any] | None, error: BaseException | None) -> None:
-        job.resource_usage = None
         if self._server is not None:
             server, thread = self._server
             server.shutdown()
             server.server_close()
             thread.join()
-        self._sampler.stop()
 
 
 def metrics_observer(job: Job, context: ObserverContext) -> MetricsObserver:
     """The observer factory named in ``flows.observers.OBSERVER_FACTORIES``."""
     settings = context.settings
-    client = getattr(context.executor, "client", None)
-    sampler = ResourceSampler(dask_worker_reader(client) if client is not None else None, SAMPLE_SECONDS)
-    job.resource_usage = ResourceProbe(sampler)
+    sampler = context.sampler or ResourceSampler()
     metrics: JobMetrics | None = None
     server: tuple[WSGIServer, threading.Thread] | None = None
     if settings.metrics_port:
@@ -123,5 +124,4 @@ def metrics_observer(job: Job, context: ObserverContext) -> MetricsObserver:
             )
         else:
             context.logger.info("metrics of job %s on http://%s/metrics", job.job_id, address)
-    sampler.start()
-    return MetricsObserver(job, sampler, metrics, server)
+    return MetricsObserver(job, metrics, server)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from engine.core import CycleRecord
 from engine.execution import Executor
+from engine.observe.metrics import ResourceSampler
 from engine.runner import Job
 from engine.settings import Settings
 from engine.store import JobStore
@@ -25,13 +26,15 @@ from engine.store import JobStore
 
 @dataclass(frozen=True)
 class ObserverContext:
-    """What an observer may use: the run's store, settings, logger, Prefect flow run id and executor."""
+    """What an observer may use: the run's store, settings, logger, Prefect flow run id, executor
+    and the run's resource sampler."""
 
     store: JobStore
     settings: Settings
     logger: logging.Logger | logging.LoggerAdapter[Any]
     flow_run_id: str | None
     executor: Executor | None = None
+    sampler: ResourceSampler | None = None
 
 
 class Observer(Protocol):

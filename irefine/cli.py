@@ -12,29 +12,11 @@ import logging
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-SPEC_FLAGS = {
-    "batch_size": int,
-    "max_evaluations": int,
-    "max_cycles": int,
-    "target": float,
-    "patience": int,
-    "tolerance": float,
-    "max_seconds": float,
-    "seed": int,
-    "max_failure_share": float,
-    "shard_size": int,
-    "cache": str,
-}
-
-
-class BadInput(Exception):
-    """A user mistake: printed as one line, exit code 2."""
+from irefine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput
+from irefine.spec_args import add_spec_flags, build_spec
 
 
 def _quiet_prefect() -> None:
@@ -56,63 +38,11 @@ def _quiet_prefect() -> None:
         sys.path.insert(0, os.getcwd())
 
 
-def _key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"{flag} {pair!r}: write it as KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def load_spec_file(path: str) -> dict[str, Any]:
-    """Read a TOML job spec; a malformed file is a BadInput naming the file and the problem."""
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise BadInput(f"spec file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"spec file {path!r} is not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise BadInput(f"spec file {path!r}: {exc.strerror}") from None
-
-
-def build_spec(args: argparse.Namespace) -> Any:
-    """Merge the spec file (if any) with the flags (flags win) and validate."""
-    from engine.core import JobSpec, SpecError
-
-    data: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
-    if args.problem:
-        data["problem"] = args.problem
-    if args.strategy:
-        data["strategy"] = args.strategy
-    for flag, value in (("problem_params", args.problem_param), ("strategy_params", args.strategy_param)):
-        extra = _key_values(value, "--" + flag.replace("_params", "-param"))
-        if extra:
-            data[flag] = {**data.get(flag, {}), **extra}
-    for name in SPEC_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            data[name] = value
-    if "problem" not in data:
-        raise BadInput("no problem given: pass --problem NAME (see `irefine problems`) or a spec file")
-    try:
-        return JobSpec.parse(data)
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
-
-
 def _open_store() -> Any:
-    from engine.core import SpecError
     from engine.settings import load_settings
     from engine.store import JobStore
 
-    try:
-        return JobStore.from_settings(load_settings())
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
+    return JobStore.from_settings(load_settings())
 
 
 def _fmt(x: float | None) -> str:
@@ -165,81 +95,74 @@ class ProgressView:
         )
 
 
-def _summary(console: Any, result: dict[str, Any]) -> None:
+def _summary(console: Any, result: Any, best_cycle: int | None) -> None:
     console.print(
-        f"[bold]job {result['job_id']}[/bold] {result['status']}: "
-        f"{result.get('stop_reason') or result.get('error')}\n"
-        f"  cycles {result['cycles']}, evaluations {result['evaluations']} "
-        f"({result['failed']} failed)\n"
-        f"  cache hits {result['cached']}, misses {result['cache_misses']}\n"
-        f"  best score {_fmt(result['best_score'])} at cycle {result.get('best_cycle')}\n"
-        f"  best candidate {json.dumps(result['best_candidate'])}"
+        f"[bold]job {result.job_id}[/bold] {result.status}: {result.stop_reason or result.error}\n"
+        f"  cycles {result.cycles}, evaluations {result.evaluations} "
+        f"({result.failed_evaluations} failed)\n"
+        f"  cache hits {result.cache_hits}, misses {result.cache_misses}\n"
+        f"  best score {_fmt(result.best_score)} at cycle {best_cycle}\n"
+        f"  best candidate {json.dumps(result.best_candidate)}"
     )
 
 
-def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
+def _run_flow(job: Any, settings: Any, store: Any, args: argparse.Namespace) -> int:
     """Run the job's flow in this process with a progress bar; map the outcome to an exit code."""
     from engine.core import JobFailedError
 
-    prepared = _start_local_cluster(args)  # overlaps the cluster's start with Prefect's import
-    view = ProgressView(spec, job_id, enabled=not args.quiet)
+    prepared = _start_local_cluster(args, settings)  # overlaps the cluster's start with Prefect's import
+    view = ProgressView(job.spec, job.job_id, enabled=not args.quiet)
     try:
         from engine.observe.logs import bind_log_context
-        from flows.refine import LocalHooks, run_refine
+        from flows.refine import InProcessRun, run_refine
 
-        _configure_logs()
-        bind_log_context(job_id=job_id)  # this process runs this one job: every line is about it
+        _configure_logs(settings)
+        bind_log_context(job_id=job.job_id)  # this process runs this one job: every line is about it
         with view:
             result = run_refine(
-                LocalHooks(listeners=(view,), executor=prepared),
-                job_id=job_id,
+                InProcessRun(job, settings, store, prepared, listeners=(view,)),
+                job_id=job.job_id,
                 executor=args.executor,
                 dask_address=args.dask_address,
             )
     except KeyboardInterrupt:
-        view.console.print(f"interrupted: resume with `irefine resume {job_id}`")
+        view.console.print(f"interrupted: resume with `irefine resume {job.job_id}`")
         return EXIT_INTERRUPTED
     except JobFailedError as exc:
-        view.console.print(f"[red]job {job_id} failed:[/red] {exc}")
+        view.console.print(f"[red]job {job.job_id} failed:[/red] {exc}")
         return EXIT_FAILED
     except Exception as exc:
-        view.console.print(f"[red]job {job_id} failed:[/red] {type(exc).__name__}: {exc}")
+        view.console.print(f"[red]job {job.job_id} failed:[/red] {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
         if prepared is not None:
             _close_prepared(prepared)
     if not args.quiet:
-        _summary(view.console, result)
+        _summary(view.console, result, job.progress.best_cycle)
     return EXIT_OK
 
 
-def _configure_logs() -> None:
+def _configure_logs(settings: Any) -> None:
     """From here on, Prefect's run logs start with ``[job J cycle C]`` and, with IRE_LOG_FORMAT=json,
     console lines are JSON (Prefect has set up its logging by now: importing it does)."""
     from engine.observe.logs import use_json_logs
-    from engine.settings import load_settings
-    from flows.refine import prefix_run_logs
+    from flows.run_context import prefix_run_logs
 
     prefix_run_logs()
-    if load_settings().log_format == "json":
+    if settings.log_format == "json":
         use_json_logs()
 
 
-def _start_local_cluster(args: argparse.Namespace) -> Any:
+def _start_local_cluster(args: argparse.Namespace, settings: Any) -> Any:
     """Start the default LocalCluster on a thread, or return None when another executor is used."""
-    if args.executor != "dask" or args.dask_address:
+    if args.executor != "dask" or args.dask_address or settings.dask_address:
         return None
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.settings import load_settings
-
-    settings = load_settings()
-    if settings.dask_address:
-        return None
-    from engine.execution.dask import DaskExecutor
+    from engine.services import open_executor
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="dask-start")
-    prepared = pool.submit(DaskExecutor.start, None, settings.dask_workers)
+    prepared = pool.submit(open_executor, "dask", None, settings)
     pool.shutdown(wait=False)
     return prepared
 
@@ -251,22 +174,15 @@ def _close_prepared(prepared: Any) -> None:
         logging.getLogger("irefine").warning("could not stop the local Dask cluster: %s", exc)
 
 
-def _use_observability_flags(args: argparse.Namespace) -> None:
-    """Hand --metrics-port and --log-format to the flow (as its settings), checking them first:
-    a bad value or a port already in use is a BadInput, before anything is written."""
+def _run_settings(args: argparse.Namespace) -> Any:
+    """The settings of this run: the environment's with --metrics-port and --log-format applied,
+    checked first (a port already in use is a BadInput, before anything is written)."""
     import socket
 
-    from engine.core import SpecError
     from engine.settings import load_settings
 
-    if args.metrics_port is not None:
-        os.environ["IRE_METRICS_PORT"] = str(args.metrics_port)
-    if args.log_format is not None:
-        os.environ["IRE_LOG_FORMAT"] = args.log_format
-    try:
-        settings = load_settings()
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
+    flags = {"metrics_port": args.metrics_port, "log_format": args.log_format}
+    settings = load_settings().model_copy(update={k: v for k, v in flags.items() if v is not None})
     if settings.metrics_port:
         with socket.socket() as probe:
             try:
@@ -276,82 +192,38 @@ def _use_observability_flags(args: argparse.Namespace) -> None:
                     f"metrics port {settings.metrics_addr}:{settings.metrics_port}: {exc.strerror or exc}; "
                     "choose another --metrics-port (or IRE_METRICS_PORT)"
                 ) from None
+    return settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.core import SpecError
     from engine.runner import create_job
+    from engine.store import JobStore
 
     spec = build_spec(args)
-    _use_observability_flags(args)
-    store = _open_store()
+    settings = _run_settings(args)
+    store = JobStore.from_settings(settings)
     try:
         job = create_job(store, spec, args.job_id)
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
+        if not args.quiet:
+            print(f"job {job.job_id}: {spec.problem} with {spec.strategy}, batch {spec.batch_size}")
+        return _run_flow(job, settings, store, args)
     finally:
         store.close()
-    if not args.quiet:
-        print(f"job {job.job_id}: {spec.problem} with {spec.strategy}, batch {spec.batch_size}")
-    return _run_flow(job.job_id, spec, args)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from engine.core import SpecError
     from engine.runner import resume_job
+    from engine.store import JobStore
 
-    _use_observability_flags(args)
-    store = _open_store()
+    settings = _run_settings(args)
+    store = JobStore.from_settings(settings)
     try:
         job = resume_job(store, args.job_id)  # validates before Prefect starts
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
+        if not args.quiet:
+            print(f"job {job.job_id}: resuming at cycle {job.progress.cycles + 1}")
+        return _run_flow(job, settings, store, args)
     finally:
         store.close()
-    if not args.quiet:
-        print(f"job {job.job_id}: resuming at cycle {job.progress.cycles + 1}")
-    return _run_flow(job.job_id, job.spec, args)
-
-
-def job_summary(record: Any) -> dict[str, Any]:
-    """The status of a job as one JSON-able dict (the `status --json` contract)."""
-    return {
-        "job_id": record.job_id,
-        "status": record.status.value,
-        "cycles": record.cycles,
-        "evaluations": record.evaluations,
-        "failed_evaluations": record.failed_evaluations,
-        "cached_evaluations": record.cached_evaluations,
-        "cache_hits": record.cached_evaluations,
-        "cache_misses": record.cache_misses,
-        "best_score": record.best_score,
-        "best_candidate": record.best_candidate,
-        "stop_reason": record.stop_reason,
-        "error": record.error,
-        "created_at": record.created_at.isoformat(),
-        "updated_at": record.updated_at.isoformat(),
-        "problem": record.spec.problem,
-        "strategy": record.spec.strategy,
-        "spec": record.spec.model_dump(mode="json"),
-    }
-
-
-def cycle_metrics(cycle: Any) -> dict[str, Any] | None:
-    """The measurements of a stored cycle (the `status --json` "metrics" object); None before one."""
-    if cycle is None:
-        return None
-    return {
-        "cycle": cycle.cycle,
-        "duration_seconds": cycle.duration,
-        "evaluations_per_second": cycle.evaluations_per_second,
-        "eval_p50_seconds": cycle.eval_p50,
-        "eval_p95_seconds": cycle.eval_p95,
-        "eval_max_seconds": cycle.eval_max,
-        "process_cpu_percent": cycle.process_cpu_percent,
-        "process_rss_bytes": cycle.process_rss_bytes,
-        "worker_memory_total_bytes": cycle.worker_memory_total_bytes,
-        "worker_memory_max_bytes": cycle.worker_memory_max_bytes,
-    }
 
 
 def _metrics_line(m: dict[str, Any]) -> str:
@@ -385,11 +257,11 @@ def _plot_path(path: str) -> str:
     return path
 
 
-def _write_plot(path: str, record: Any, cycles: Any) -> None:
+def _write_plot(path: str, report: Any, cycles: Any) -> None:
     from engine.observe.plot import convergence_png, convergence_series
 
     series = convergence_series(
-        cycles, job_id=record.job_id, problem=record.spec.problem, strategy=record.spec.strategy
+        cycles, job_id=report.job_id, problem=report.problem, strategy=report.strategy
     )
     png = convergence_png(series)
     try:
@@ -400,24 +272,18 @@ def _write_plot(path: str, record: Any, cycles: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from engine.core import SpecError
-
     plot = _plot_path(args.plot) if args.plot else None
+    from engine.status import JobStatusReport
+
     store = _open_store()
     try:
-        record = store.get_job(args.job_id)
-        last_cycle = store.last_cycle(args.job_id)
+        report = JobStatusReport.read(store, args.job_id)
         cycles = store.cycles(args.job_id) if plot else []
-        anomalies = store.anomalies(args.job_id)
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
     finally:
         store.close()
-    summary = job_summary(record)
-    summary["metrics"] = cycle_metrics(last_cycle)
-    summary["anomalies"] = [a.to_dict() for a in anomalies]
+    summary = report.model_dump(mode="json")
     if plot:
-        _write_plot(plot, record, cycles)
+        _write_plot(plot, report, cycles)
     if args.json:
         print(json.dumps(summary))
         return EXIT_OK
@@ -439,8 +305,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{key:>18}: {summary[key]}")
     if summary["metrics"] is not None:
         print(f"{'last cycle':>18}: {_metrics_line(summary['metrics'])}")
-    for a in anomalies:
-        print(f"{'anomaly':>18}: cycle {a.cycle} {a.kind}: {a.message}")
+    for a in report.anomalies:
+        print(f"{'anomaly':>18}: cycle {a['cycle']} {a['kind']}: {a['message']}")
     if plot:
         print(f"{'plot':>18}: {plot}")
     return EXIT_OK
@@ -458,6 +324,8 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from engine.status import job_summary
+
     store = _open_store()
     try:
         jobs = store.list_jobs(args.limit)
@@ -495,14 +363,10 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 def _open_cache() -> tuple[Any, Any]:
     from engine.cache import CacheConfig
-    from engine.core import SpecError
     from engine.settings import load_settings
 
     config = CacheConfig.from_settings(load_settings())
-    try:
-        return config, config.open()
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
+    return config, config.open()
 
 
 def cmd_cache_stats(args: argparse.Namespace) -> int:
@@ -549,14 +413,10 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     from engine.cache import CacheUnavailableError, key_prefix
-    from engine.core import SpecError
 
     config, cache = _open_cache()
     try:
-        try:
-            prefix = key_prefix(config.namespace, args.problem, args.version)
-        except SpecError as exc:
-            raise BadInput(str(exc)) from None
+        prefix = key_prefix(config.namespace, args.problem, args.version)
         removed = cache.clear(prefix)
     except CacheUnavailableError as exc:
         print(f"irefine: {exc}", file=sys.stderr)
@@ -656,25 +516,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--strategy-param", action="append", metavar="K=V", help="strategy parameter (repeatable)"
     )
-    run.add_argument("--batch-size", type=int, help="candidates per cycle (default 16)")
-    run.add_argument("--max-evaluations", type=int, help="stop after this many evaluations (default 1000)")
-    run.add_argument("--max-cycles", type=int, help="stop after this many cycles")
-    run.add_argument("--target", type=float, help="stop once the best score reaches this")
-    run.add_argument("--patience", type=int, help="stop after this many cycles without improvement")
-    run.add_argument("--tolerance", type=float, help="smallest improvement that resets patience (default 0)")
-    run.add_argument("--max-seconds", type=float, help="stop after this much run time")
-    run.add_argument("--seed", type=int, help="random seed (default 0); same seed, same result")
-    run.add_argument(
-        "--max-failure-share", type=float, help="fail the job when a cycle fails more (default 0.5)"
-    )
-    run.add_argument(
-        "--shard-size", type=int, help="candidates per Dask task (default: one shard per worker)"
-    )
-    run.add_argument(
-        "--cache",
-        choices=["auto", "on", "off"],
-        help="inference cache (default auto: off for sub-ms evaluations)",
-    )
+    add_spec_flags(run)
     run.add_argument("--job-id", help="id for the new job (default: a fresh one)")
     _add_run_flags(run)
     run.set_defaults(func=cmd_run)
@@ -763,7 +605,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _silence_shutdown() -> None:
     # Prefect's ephemeral server prints CancelledError tracebacks while it shuts down at exit
-    # (DESIGN.md section 10). The job's outcome is printed and stored by now; drop that noise.
+    # (docs/architecture.md section 10). The job's outcome is printed and stored by now; drop that noise.
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -771,7 +613,7 @@ def _silence_shutdown() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    from engine.core import EngineError
+    from engine.core import EngineError, SpecError
 
     _quiet_prefect()
     parser = make_parser()
@@ -779,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     code = EXIT_OK
     try:
         code = args.func(args)
-    except BadInput as exc:
+    except (BadInput, SpecError) as exc:  # a user mistake, wherever it was found: exit code 2
         print(f"irefine: error: {exc}", file=sys.stderr)
         code = EXIT_BAD_INPUT
     except EngineError as exc:  # the store or the cache is unusable: say so in one line

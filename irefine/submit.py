@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from irefine.cli import EXIT_FAILED, EXIT_OK, BadInput, load_spec_file
+from irefine.errors import EXIT_FAILED, EXIT_OK, BadInput
+from irefine.spec_args import load_spec_file
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -108,17 +109,14 @@ def parse_deadline(text: str, now: datetime) -> datetime:
 
 def spec_from_file(path: str, job_id: str) -> JobSpec:
     """The job spec of ``path``, validated as ``irefine run`` validates it (problem and strategy load)."""
-    from engine.core import JobSpec, SpecError
+    from engine.core import JobSpec
     from engine.runner import build_job
 
     data = load_spec_file(path)
     if "problem" not in data:
         raise BadInput(f"spec file {path!r} names no problem: add problem = 'NAME' (see `irefine problems`)")
-    try:
-        spec = JobSpec.parse(data)
-        build_job(job_id, spec)
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
+    spec = JobSpec.parse(data)
+    build_job(job_id, spec)
     return spec
 
 
@@ -240,12 +238,12 @@ async def submit_job(
 
     ``pool`` must be the deployment's pool when given (a flow run cannot change pools: pick the
     deployment). ``flow_parameters`` are further ``refine`` parameters (``executor``,
-    ``dask_address``). Raises :class:`BadInput` (nothing created) and :class:`RateLimited`.
+    ``dask_address``). Raises :class:`BadInput` or :class:`~engine.core.SpecError` (nothing created) and
+    :class:`RateLimited`.
     """
     from prefect.exceptions import ObjectNotFound
 
     from deployments.setup import aks_job_variables
-    from engine.core import SpecError
     from engine.routing import Request, route
 
     try:
@@ -274,13 +272,10 @@ async def submit_job(
             raise BadInput("a deadline needs a run time: pass --estimate SECONDS or set max_seconds")
         seconds = DEFAULT_RUN_SECONDS
     load = await read_load(client, pool, now=now)
-    try:
-        request = Request.from_spec(
-            spec, submitted_at=now, urgency=urgency, deadline=deadline, estimated_seconds=seconds
-        )
-        chosen = route(request, load)
-    except SpecError as exc:
-        raise BadInput(str(exc)) from None
+    request = Request.from_spec(
+        spec, submitted_at=now, urgency=urgency, deadline=deadline, estimated_seconds=seconds
+    )
+    chosen = route(request, load)
     waited = await take_submission_slot(client, wait=wait, on_wait=on_wait)
     if waited > 0:  # the load and the time left have changed while waiting: route again
         request = replace(request, submitted_at=datetime.now(UTC))
@@ -364,6 +359,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """``irefine submit``: see the module docstring."""
     from prefect.settings import get_current_settings
 
+    from engine.core import SpecError
     from engine.runner import new_job_id
 
     if args.estimate is not None and (not math.isfinite(args.estimate) or args.estimate < 0):
@@ -412,7 +408,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_RATE_LIMITED
-    except BadInput:
+    except (BadInput, SpecError):  # main() says what to change, exit code 2
         raise
     except Exception as exc:
         print(f"irefine: submit failed: {type(exc).__name__}: {exc}", file=sys.stderr)

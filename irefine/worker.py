@@ -17,7 +17,7 @@ import asyncio
 import os
 from typing import Any
 
-from irefine.cli import EXIT_OK, BadInput
+from irefine.errors import EXIT_OK, BadInput
 
 WORKER_TYPES = ("process", "kubernetes")
 

@@ -109,7 +109,7 @@ def test_refine_flow_reports_a_failure_burst(prefect_api: str, ire_env: dict[str
         }
     )
     result = run_refine(spec=spec, job_id=job_id, executor="local")
-    assert result["status"] == "completed" and result["failed"] > 0
+    assert result.status == "completed" and result.failed_evaluations > 0
     store = JobStore.from_settings(load_settings())
     try:
         stored = store.anomalies(job_id, fresh=True)

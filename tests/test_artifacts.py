@@ -114,7 +114,7 @@ def test_a_run_leaves_progress_table_and_summary_on_the_flow_run(prefect_api, ir
     monkeypatch.setattr(flows.artifacts, "PROGRESS_INTERVAL_S", 0.0)
     job_id = f"art-{uuid.uuid4().hex[:8]}"
     state = refine(spec=spec(), job_id=job_id, executor="local", return_state=True)
-    assert state.is_completed() and state.result()["cycles"] == 6
+    assert state.is_completed() and state.result().cycles == 6
     flow_run_id = state.state_details.flow_run_id
 
     artifacts = {a.key: a for a in read_artifacts(flow_run_id)}

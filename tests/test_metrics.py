@@ -162,7 +162,7 @@ def test_worker_memory_limit_defaults_to_a_share_of_the_machine() -> None:
 def test_endpoint_serves_the_documented_metrics_during_a_run(
     prefect_api, ire_env, dask_address, monkeypatch
 ) -> None:
-    from flows.refine import LocalHooks, run_refine
+    from flows.refine import InProcessRun, run_refine
 
     port = free_port()
     monkeypatch.setenv("IRE_METRICS_PORT", str(port))
@@ -184,9 +184,9 @@ def test_endpoint_serves_the_documented_metrics_during_a_run(
         }
     )
     result = run_refine(
-        LocalHooks(listeners=(scrape_at_cycle_3,)), spec=spec, job_id="metrics-1", dask_address=dask_address
+        InProcessRun(listeners=(scrape_at_cycle_3,)), spec=spec, job_id="metrics-1", dask_address=dask_address
     )
-    assert result["status"] == "completed" and result["cycles"] == 5
+    assert result.status == "completed" and result.cycles == 5
 
     for name, (kind, _, _) in METRICS.items():
         names = [f"{name}_bucket", f"{name}_count", f"{name}_sum"] if kind == "histogram" else [name]

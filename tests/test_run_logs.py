@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC = {"problem": "sphere", "strategy": "random", "batch_size": 4, "max_cycles": 2, "seed": 1}
 
 
-async def _deployment_run(client: Any) -> tuple[Any, list[str]]:
-    """A flow run of a fresh deployment of the refine flow, and the global limits made for it."""
+async def _deployment_run(client: Any, parameters: dict[str, Any] | None = None) -> tuple[Any, list[str]]:
+    """A flow run of a fresh deployment of the refine flow (with ``parameters``, default: SPEC run
+    in process), and the global limits made for it."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectNotFound
 
-    from deployments.setup import EVALUATIONS_LIMIT, RUNNING_JOBS_LIMIT
+    from flows.limits import EVALUATIONS_LIMIT, RUNNING_JOBS_LIMIT
 
     created = []
     for name in (RUNNING_JOBS_LIMIT, EVALUATIONS_LIMIT):  # the run takes slots of both
@@ -47,9 +48,8 @@ async def _deployment_run(client: Any) -> tuple[Any, list[str]]:
         entrypoint="flows/refine.py:refine",
         path=str(ROOT),
     )
-    run = await client.create_flow_run_from_deployment(
-        deployment_id, parameters={"spec": SPEC, "executor": "local"}
-    )
+    parameters = parameters or {"spec": SPEC, "executor": "local"}
+    run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
     return run, created
 
 

@@ -1,7 +1,7 @@
 """The Prefect UI of a test server, rendered by headless Chromium, shows a finished job's artifacts.
 
 Chromium (Debian's ``chromium``, installed by ``scripts/setup.sh --services``) runs with the flags
-of DESIGN.md section 10 and ``--dump-dom`` / ``--screenshot`` after a virtual-time budget: no
+of docs/architecture.md section 10 and ``--dump-dom`` / ``--screenshot`` after a virtual-time budget: no
 driver, no DevTools session, nothing to download. The test opens the job's flow run page in the
 default (React) UI, follows its artifact links, and checks each artifact page: the progress at
 100%, the cycle table, and the convergence plot drawn (its orange line found in a screenshot).

@@ -6,6 +6,7 @@ one; :func:`cache_key` builds the keys. Values are JSON, never pickle.
 """
 
 from engine.cache.base import (
+    DEFAULT_MAX_ENTRIES,
     DEFAULT_NAMESPACE,
     DEFAULT_TTL_SECONDS,
     CacheStats,
@@ -15,10 +16,10 @@ from engine.cache.base import (
     decode_evaluation,
     encode_evaluation,
     key_prefix,
-    open_cache,
 )
 from engine.cache.config import CacheConfig, process_cache
 from engine.cache.embedded import EmbeddedCache
+from engine.cache.factory import open_cache
 from engine.cache.redis_cache import RedisCache
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "decode_evaluation",
     "DEFAULT_NAMESPACE",
     "DEFAULT_TTL_SECONDS",
+    "DEFAULT_MAX_ENTRIES",
 ]

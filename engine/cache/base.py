@@ -14,7 +14,6 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
 import orjson
@@ -32,13 +31,15 @@ __all__ = [
     "key_prefix",
     "encode_evaluation",
     "decode_evaluation",
-    "open_cache",
+    "DEFAULT_MAX_ENTRIES",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE: Final = "ire"
 DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600.0
+DEFAULT_MAX_ENTRIES: Final = 1_000_000
+"""The embedded cache's bound unless configured (Redis is bounded by its own ``maxmemory``)."""
 FORMAT_VERSION: Final = 1
 _JSON_OPTS: Final = orjson.OPT_SERIALIZE_NUMPY  # the job store's options: same bytes, same read-back
 _UNSAFE = re.compile(r"[:\s]")
@@ -339,35 +340,3 @@ def encode_items(items: Sequence[tuple[str, Evaluation]], warned: list[bool]) ->
             warned[0] = True
             log.log(level, "inference cache: not caching %r: %s", key, exc)
     return encoded, skipped
-
-
-def open_cache(
-    redis_url: str | None,
-    home: Path,
-    *,
-    namespace: str = DEFAULT_NAMESPACE,
-    ttl_seconds: float = DEFAULT_TTL_SECONDS,
-    max_entries: int | None = 100_000,
-    max_bytes: int | None = None,
-    manage_server: bool = False,
-) -> InferenceCache:
-    """The Redis cache at ``redis_url``, or the embedded cache in ``home/cache.sqlite`` if it is None.
-
-    ``max_entries`` and ``max_bytes`` bound the embedded cache only (Redis is bounded by its own
-    ``maxmemory``); ``manage_server`` lets the Redis adapter set an LRU eviction policy.
-    """
-    if redis_url:
-        from engine.cache.redis_cache import RedisCache
-
-        return RedisCache(
-            redis_url, namespace=namespace, default_ttl_seconds=ttl_seconds, manage_server=manage_server
-        )
-    from engine.cache.embedded import EmbeddedCache
-
-    return EmbeddedCache(
-        Path(home) / "cache.sqlite",
-        namespace=namespace,
-        default_ttl_seconds=ttl_seconds,
-        max_entries=max_entries,
-        max_bytes=max_bytes,
-    )

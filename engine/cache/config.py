@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.cache.base import DEFAULT_NAMESPACE, DEFAULT_TTL_SECONDS, InferenceCache, open_cache
+from engine.cache.base import DEFAULT_MAX_ENTRIES, DEFAULT_NAMESPACE, DEFAULT_TTL_SECONDS, InferenceCache
+from engine.cache.factory import open_cache
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class CacheConfig:
     home: Path
     namespace: str = DEFAULT_NAMESPACE
     ttl_seconds: float = DEFAULT_TTL_SECONDS
-    max_entries: int | None = 1_000_000
+    max_entries: int | None = DEFAULT_MAX_ENTRIES
     manage_server: bool = False
 
     @classmethod
@@ -33,14 +34,8 @@ class CacheConfig:
 
     def open(self) -> InferenceCache:
         self.home.mkdir(parents=True, exist_ok=True)
-        return open_cache(
-            self.redis_url,
-            self.home,
-            namespace=self.namespace,
-            ttl_seconds=self.ttl_seconds,
-            max_entries=self.max_entries,
-            manage_server=self.manage_server,
-        )
+        options = {name: getattr(self, name) for name in ("namespace", "ttl_seconds", "max_entries")}
+        return open_cache(self.redis_url, self.home, manage_server=self.manage_server, **options)
 
 
 _OPEN: dict[CacheConfig, InferenceCache] = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from engine.cache.base import (
+    DEFAULT_MAX_ENTRIES,
     DEFAULT_NAMESPACE,
     DEFAULT_TTL_SECONDS,
     CacheCounters,
@@ -88,7 +89,7 @@ class EmbeddedCache:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         default_ttl_seconds: float = DEFAULT_TTL_SECONDS,
-        max_entries: int | None = 100_000,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
         max_bytes: int | None = None,
         busy_timeout: float = 5.0,
     ) -> None:

@@ -20,13 +20,13 @@ class JobSpec(BaseModel):
     strategy: str = "cmaes"
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(16, ge=1, le=1_000_000, description="candidates proposed per cycle")
-    seed: int = Field(0, ge=0, lt=2**32)
-    max_evaluations: int | None = Field(1000, ge=1)
-    max_cycles: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0, lt=2**32, description="random seed; same seed, same result")
+    max_evaluations: int | None = Field(1000, ge=1, description="stop after this many evaluations")
+    max_cycles: int | None = Field(None, ge=1, description="stop after this many cycles")
     target: float | None = Field(None, description="stop once the best score is at least this good")
     patience: int | None = Field(None, ge=1, description="stop after this many cycles without improvement")
     tolerance: float = Field(0.0, ge=0.0, description="an improvement must beat the best by more than this")
-    max_seconds: float | None = Field(None, gt=0)
+    max_seconds: float | None = Field(None, gt=0, description="stop after this much run time (seconds)")
     deadline: datetime | None = None
     max_failure_share: float = Field(0.5, ge=0.0, le=1.0, description="fail the job when a cycle fails more")
     shard_size: int | None = Field(None, ge=1, description="candidates per Dask task; default: spread evenly")

@@ -1,6 +1,7 @@
 """Evaluation backends behind one interface: Dask (the default) and in-process (for debugging)."""
 
 from engine.execution.base import (
+    EvaluatedBatch,
     Executor,
     ProblemRef,
     Writeback,
@@ -11,6 +12,7 @@ from engine.execution.base import (
 from engine.execution.local import InProcessExecutor
 
 __all__ = [
+    "EvaluatedBatch",
     "Executor",
     "InProcessExecutor",
     "ProblemRef",

@@ -45,6 +45,15 @@ class Writeback:
         return Writeback(self.config, tuple(keys), self.ttl_seconds, self.include_failed)
 
 
+@dataclass(frozen=True)
+class EvaluatedBatch:
+    """What the evaluate stage hands the record stage: one evaluation per candidate, in order,
+    and how many distinct candidates missed the inference cache (were computed)."""
+
+    evaluations: list[Evaluation]
+    cache_misses: int = 0
+
+
 FLUSH_SECONDS = 0.5
 WRITE_NOW_SECONDS = 0.05
 T = TypeVar("T")
@@ -61,6 +70,10 @@ class Executor(Protocol):
 
     @property
     def workers(self) -> int: ...
+
+    def shard_count(self, n: int, shard_size: int | None) -> int:
+        """How many shards (tasks) a batch of ``n`` candidates goes out as."""
+        ...
 
     def evaluate(
         self,

@@ -33,6 +33,14 @@ def _preload_forkserver() -> None:
     get_mp_context().set_forkserver_preload(WORKER_PRELOAD)
 
 
+def start_local_cluster(**kwargs: Any) -> LocalCluster:
+    """A process ``LocalCluster`` whose workers fork from a preloaded forkserver (the settings'
+    and the Dask-cluster block's local clusters both start here)."""
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        _preload_forkserver()
+        return LocalCluster(**kwargs)
+
+
 class DaskExecutor:
     """Evaluates shards of candidates on a Dask cluster through one client reused for the whole job.
 
@@ -68,9 +76,7 @@ class DaskExecutor:
         if "memory_limit" not in cluster_kwargs:
             kwargs["memory_limit"] = worker_memory_limit(load_settings().dask_worker_memory, n)
         kwargs.update(cluster_kwargs)
-        with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-            _preload_forkserver()
-            cluster = LocalCluster(**kwargs)
+        cluster = start_local_cluster(**kwargs)
         return cls(Client(cluster, set_as_default=False), cluster)
 
     @property

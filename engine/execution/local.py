@@ -15,6 +15,9 @@ class InProcessExecutor:
     def workers(self) -> int:
         return 1
 
+    def shard_count(self, n: int, shard_size: int | None) -> int:
+        return 1
+
     def evaluate(
         self,
         ref: ProblemRef,
