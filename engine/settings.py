@@ -21,6 +21,14 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=lambda: Path.home() / ".irefine", description="data folder")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in IRE_HOME")
     database_replica_url: str | None = Field(None, description="read replica for lag-tolerant reads")
+    database_shards: str | None = Field(
+        None,
+        description="comma-separated primary URLs of the shards jobs are spread over by a hash of "
+        "their id; keep the list as it is once jobs exist. Default: IRE_DATABASE_URL alone",
+    )
+    database_partitions: int = Field(
+        8, ge=0, description="hash partitions of the growing tables on PostgreSQL; 0: plain tables"
+    )
     dask_address: str | None = Field(None, description="existing Dask scheduler; default: a LocalCluster")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: CPU count")
     dask_worker_memory: str | None = Field(
@@ -72,8 +80,21 @@ class Settings(BaseSettings):
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.home / 'irefine.db'}"
 
+    def database_shard_urls(self) -> list[str]:
+        """The shards' primary URLs in shard order: IRE_DATABASE_SHARDS, else the one database."""
+        if not self.database_shards:
+            return [self.resolved_database_url()]
+        shards = [part.strip() for part in _URL_SEPARATOR.split(self.database_shards.strip()) if part.strip()]
+        if self.database_url and self.database_url.strip() != shards[0]:
+            raise SpecError(
+                "IRE_DATABASE_URL must be unset or the first URL of IRE_DATABASE_SHARDS (the shards' list)"
+            )
+        return shards
+
 
 _MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]?|[bB])?")
+# A comma that starts the next URL (a multi-host URL, H1:P1,H2:P2, has commas of its own).
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def load_settings() -> Settings:
