@@ -98,10 +98,29 @@ def test_settings_shard_list_splits_between_urls_not_inside_multi_host_ones(tmp_
         database_shards=f"sqlite:///{tmp_path / 'a.db'},sqlite:///{tmp_path / 'b.db'}",
         database_replica_url=f"sqlite:///{tmp_path / 'a.db'}",
     )
-    with pytest.raises(
-        SpecError, match=r"^IRE_DATABASE_REPLICA_URL: one replica URL cannot serve several shards"
-    ):
+    with pytest.raises(SpecError, match=r"^IRE_DATABASE_REPLICA_URL lists 1 replicas for 2 shards"):
         JobStore.from_settings(replica)
+
+
+def test_each_shard_reads_from_its_own_replica(tmp_path: Path) -> None:
+    shards = [f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"]
+    # Stand-in replicas: shard 0's replica is the primary itself, shard 1's an empty database.
+    replicas = [shards[0], f"sqlite:///{tmp_path / 'b-replica.db'}"]
+    JobStore(replicas[1]).close()
+    ids = ["job-0", "job-1"]  # on shards 0 and 1
+    assert [shard_index(j, 2) for j in ids] == [0, 1]
+    with JobStore(shards) as writer:
+        _fill(writer, ids, cycles=1)
+    settings = Settings(
+        home=tmp_path, database_shards=",".join(shards), database_replica_url=",".join(replicas)
+    )
+    with JobStore.from_settings(settings) as store:
+        assert [j.job_id for j in store.list_jobs()] == ["job-0"]  # shard 1's replica has no jobs
+        assert store.get_job("job-0").cycles == 1
+        with pytest.raises(JobNotFoundError):
+            store.get_job("job-1")
+        assert store.get_job("job-1", fresh=True).cycles == 1
+        assert len(store.list_jobs(fresh=True)) == 2
 
 
 def test_multi_host_urls_are_accepted_in_both_spellings() -> None:
@@ -248,6 +267,7 @@ def test_a_changed_shard_list_is_refused(two_shards: list[str]) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_cli_list_and_status_see_the_jobs_of_every_shard(two_shards: list[str], tmp_path: Path) -> None:
     ids = [f"cli-{i}" for i in range(6)]
     with JobStore(two_shards) as store:
@@ -257,8 +277,8 @@ def test_cli_list_and_status_see_the_jobs_of_every_shard(two_shards: list[str], 
     env.pop("IRE_DATABASE_URL", None)
     listed = _irefine(env, "list", "--json")
     assert sorted(j["job_id"] for j in json.loads(listed.stdout)) == sorted(ids)
-    for job_id in ids:
-        status = json.loads(_irefine(env, "status", job_id, "--json").stdout)
+    for job_id in (ids[0], next(j for j in ids if shard_index(j, 2) != shard_index(ids[0], 2))):
+        status = json.loads(_irefine(env, "status", job_id, "--json").stdout)  # one job of each shard
         assert status["job_id"] == job_id and status["cycles"] == 1 and len(status["anomalies"]) == 2
     env["IRE_DATABASE_SHARDS"] = ",".join(two_shards[::-1])
     refused = subprocess.run(

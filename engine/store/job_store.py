@@ -129,14 +129,8 @@ class JobStore:
         """The store the settings name (``IRE_DATABASE_URL`` or ``IRE_DATABASE_SHARDS``,
         ``IRE_DATABASE_REPLICA_URL``, ``IRE_DATABASE_PARTITIONS``)."""
         shards = settings.database_shard_urls()
-        if len(shards) == 1:
-            return cls(shards[0], settings.database_replica_url, partitions=settings.database_partitions)
-        if settings.database_replica_url:
-            raise SpecError(
-                "IRE_DATABASE_REPLICA_URL: one replica URL cannot serve several shards; "
-                "unset it when IRE_DATABASE_SHARDS lists more than one database"
-            )
-        return cls(shards, partitions=settings.database_partitions)
+        replicas = settings.database_replica_urls(len(shards))
+        return cls(shards, replicas, partitions=settings.database_partitions)
 
     @property
     def url(self) -> str:
