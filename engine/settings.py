@@ -31,7 +31,10 @@ class Settings(BaseSettings):
         "their id; keep the list as it is once jobs exist. Default: IRE_DATABASE_URL alone",
     )
     database_partitions: int = Field(
-        8, ge=0, description="hash partitions of the growing tables on PostgreSQL; 0: plain tables"
+        8,
+        ge=0,
+        description="hash partitions of the growing tables when the store creates them, or rebuilds "
+        "plain ones, on PostgreSQL; 0: plain tables",
     )
     dask_address: str | None = Field(None, description="existing Dask scheduler; default: a LocalCluster")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: CPU count")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,30 @@ def test_plain_tables_are_partitioned_on_upgrade_keeping_their_rows(postgres_url
             commit(store, "u-2", Progress(), 1)
     with JobStore(postgres_url) as again:  # idempotent: nothing left to migrate
         assert len(again.cycles("u-1")) == 3
+
+
+@pytest.mark.integration
+def test_stores_starting_together_upgrade_a_plain_database_once(postgres_url: str) -> None:
+    with JobStore(postgres_url, partitions=0) as old:
+        _fill(old, ["t-1", "t-2"], cycles=3)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def open_store() -> None:
+        try:
+            barrier.wait()
+            with JobStore(postgres_url) as store:
+                assert len(store.cycles("t-2")) == 3
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and _relkind(postgres_url, "cycles") == "p"
+    assert _scalar(postgres_url, "SELECT count(*) FROM cycles") == 6
 
 
 # -- shards -----------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ On PostgreSQL ``cycles``, ``evaluation_batches`` and ``anomalies`` are declared
 ``PARTITION BY HASH (job_id)`` with ``partitions`` partitions each (``<table>_p<i>``), so that
 each job's rows live in one partition and a table's indexes and vacuum work stay partition-sized.
 A database made before partitioning has its plain tables rebuilt as partitioned ones, in the
-same transaction that creates what is missing. SQLite keeps plain tables.
+same transaction that creates what is missing: the rows are copied under an exclusive lock, so
+the first start after the upgrade waits for that copy. Tables already partitioned keep their
+partition count. SQLite keeps plain tables.
 """
 
 from __future__ import annotations
