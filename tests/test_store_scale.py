@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from engine.core import JobNotFoundError, Progress, SpecError
+from engine.core import JobNotFoundError, JobSpec, Progress, SpecError
 from engine.settings import Settings
 from engine.store import JobStatus, JobStore, StoreError, shard_index
 from engine.store.engines import make_engine
@@ -294,17 +294,25 @@ def test_a_changed_shard_list_is_refused(two_shards: list[str]) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_cli_list_and_status_see_the_jobs_of_every_shard(two_shards: list[str], tmp_path: Path) -> None:
-    ids = [f"cli-{i}" for i in range(6)]
+    from engine.execution import InProcessExecutor
+    from engine.runner import create_job, run_job
+
+    ids = [f"cli-{i}" for i in range(4)]
+    assert sorted(shard_index(j, 2) for j in ids) == [0, 0, 1, 1]
+    spec = JobSpec.parse({"problem": "sphere", "strategy": "random", "batch_size": 5, "max_evaluations": 20})
     with JobStore(two_shards) as store:
-        _fill(store, ids, cycles=1)
-    assert {shard_index(j, 2) for j in ids} == {0, 1}
+        for job_id in ids:  # real runs of the refinement loop, each writing to its job's shard
+            result = run_job(create_job(store, spec, job_id), store, InProcessExecutor())
+            assert result.status is JobStatus.COMPLETED
+    assert all(len(_ids(url)) == 2 for url in two_shards)
     env = {**os.environ, "IRE_HOME": str(tmp_path / "home"), "IRE_DATABASE_SHARDS": ",".join(two_shards)}
     env.pop("IRE_DATABASE_URL", None)
-    listed = _irefine(env, "list", "--json")
-    assert sorted(j["job_id"] for j in json.loads(listed.stdout)) == sorted(ids)
-    for job_id in (ids[0], next(j for j in ids if shard_index(j, 2) != shard_index(ids[0], 2))):
-        status = json.loads(_irefine(env, "status", job_id, "--json").stdout)  # one job of each shard
-        assert status["job_id"] == job_id and status["cycles"] == 1 and len(status["anomalies"]) == 2
+    listed = json.loads(_irefine(env, "list", "--json").stdout)
+    assert sorted(j["job_id"] for j in listed) == ids and {j["status"] for j in listed} == {"completed"}
+    assert shard_index("cli-0", 2) != shard_index("cli-2", 2)
+    for job_id in ("cli-0", "cli-2"):  # one job of each shard
+        status = json.loads(_irefine(env, "status", job_id, "--json").stdout)
+        assert status["job_id"] == job_id and status["cycles"] == 4 and status["evaluations"] == 20
     env["IRE_DATABASE_SHARDS"] = ",".join(two_shards[::-1])
     refused = subprocess.run(
         [sys.executable, "-m", "irefine", "list"],
