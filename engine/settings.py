@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     database_partitions: int = Field(
         8,
         ge=0,
+        le=1024,
         description="hash partitions of the growing tables when the store creates them, or rebuilds "
         "plain ones, on PostgreSQL; 0: plain tables",
     )

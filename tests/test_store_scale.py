@@ -251,8 +251,26 @@ def test_jobs_spread_over_two_postgres_shards(two_shards: list[str]) -> None:
         for job_id in ids:
             store.create_job(job_id, SPEC)
             time.sleep(0.002)  # distinct creation times: list order is checkable
-        progress = commit(store, ids[0], Progress(), 1)
-        commit(store, ids[0], progress, 2)
+        for job_id in ids[:2]:  # on shards 0 and 1: every per-job call goes to the job's shard
+            progress = commit(store, job_id, Progress(), 1)
+            commit(store, job_id, progress, 2)
+            store.heartbeat(job_id)
+            store.add_anomalies(job_id, [_Finding(2, "stall")])
+            last = store.last_cycle(job_id)
+            checkpoint = store.last_checkpoint(job_id)
+            assert last is not None and last.cycle == 2 and checkpoint is not None and checkpoint.cycle == 2
+            assert [a.kind for a in store.anomalies(job_id)] == ["stall"]
+            shard_url = two_shards[store.shard_of(job_id)]
+            other_url = two_shards[1 - store.shard_of(job_id)]
+            for table, rows in (
+                ("cycles", 2),
+                ("evaluation_batches", 2),
+                ("checkpoints", 1),
+                ("anomalies", 1),
+            ):
+                assert _scalar(shard_url, f"SELECT count(*) FROM {table} WHERE job_id = :j", j=job_id) == rows
+                assert _scalar(other_url, f"SELECT count(*) FROM {table} WHERE job_id = :j", j=job_id) == 0
+        assert [store.shard_of(j) for j in ids[:2]] == [0, 1]
         held = [{str(r) for r in _ids(url)} for url in two_shards]
         assert held[0] and held[1] and held[0] | held[1] == set(ids) and not held[0] & held[1]
         assert all(shard_index(j, 2) == k for k, ids_k in enumerate(held) for j in ids_k)
