@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from engine.core import JobNotFoundError, JobSpec, Progress, SpecError
+from engine.core import JobNotFoundError, JobSpec, Progress, SpecError, TransientError
 from engine.settings import Settings
-from engine.store import JobStatus, JobStore, StoreError, shard_index
+from engine.store import JobStatus, JobStore, StoreError, StoreUnavailableError, shard_index
 from engine.store.engines import make_engine
 from tests.services import PostgresReplica, PostgresServer
 from tests.test_store import SPEC, commit
@@ -413,6 +413,9 @@ def test_multi_host_url_follows_a_promoted_replica(
         progress = commit(store, "f", Progress(), 1)
         replica.wait_caught_up()
         primary.close()  # fence the old primary: stopped before the replica takes over
+        with pytest.raises(StoreUnavailableError, match="cannot read job 'f'") as window:
+            store.get_job("f", fresh=True)  # no read-write server until the promotion
+        assert isinstance(window.value, TransientError)
         replica.promote()
         started = time.monotonic()
         assert store.get_job("f", fresh=True).cycles == 1  # the pooled connection was to the old primary
