@@ -1,4 +1,5 @@
-"""Real services for tests: a throwaway Redis and a throwaway PostgreSQL, no fakes.
+"""Real services for tests: a throwaway Redis and a throwaway PostgreSQL (and a streaming replica
+of it, :class:`PostgresReplica`), no fakes.
 
 Both start on a free loopback port with their data in a temporary folder, and are stopped and
 removed by ``close()`` (also at interpreter exit). From a shell::
