@@ -21,7 +21,23 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path.home() / ".irefine", description="data folder")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in IRE_HOME")
-    database_replica_url: str | None = Field(None, description="read replica for lag-tolerant reads")
+    database_replica_url: str | None = Field(
+        None,
+        description="read replica for lag-tolerant reads; with several shards, a comma-separated list "
+        "of one replica per shard, in shard order",
+    )
+    database_shards: str | None = Field(
+        None,
+        description="comma-separated primary URLs of the shards jobs are spread over by a hash of "
+        "their id; keep the list as it is once jobs exist. Default: IRE_DATABASE_URL alone",
+    )
+    database_partitions: int = Field(
+        8,
+        ge=0,
+        le=1024,
+        description="hash partitions of the growing tables when the store creates them, or rebuilds "
+        "plain ones, on PostgreSQL; 0: plain tables",
+    )
     dask_address: str | None = Field(None, description="existing Dask scheduler; default: a LocalCluster")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: CPU count")
     dask_worker_memory: str | None = Field(
@@ -77,8 +93,37 @@ class Settings(BaseSettings):
         self.home.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{self.home / 'irefine.db'}"
 
+    def database_shard_urls(self) -> list[str]:
+        """The shards' primary URLs in shard order: IRE_DATABASE_SHARDS, else the one database."""
+        if not self.database_shards:
+            return [self.resolved_database_url()]
+        shards = _split_urls(self.database_shards)
+        if self.database_url and self.database_url.strip() != shards[0]:
+            raise SpecError(
+                "IRE_DATABASE_URL must be unset or the first URL of IRE_DATABASE_SHARDS (the shards' list)"
+            )
+        return shards
+
+    def database_replica_urls(self, shard_count: int) -> list[str | None]:
+        """The replica of each of ``shard_count`` shards (``None``: reads go to the primary)."""
+        if not self.database_replica_url:
+            return [None] * shard_count
+        replicas = _split_urls(self.database_replica_url)
+        if len(replicas) != shard_count:
+            raise SpecError(
+                f"IRE_DATABASE_REPLICA_URL lists {len(replicas)} replicas for {shard_count} shards: "
+                "give one per shard in IRE_DATABASE_SHARDS order, or none"
+            )
+        return list(replicas)
+
 
 _MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]?|[bB])?")
+# A comma that starts the next URL (a multi-host URL, H1:P1,H2:P2, has commas of its own).
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _split_urls(value: str) -> list[str]:
+    return [part.strip() for part in _URL_SEPARATOR.split(value.strip()) if part.strip()]
 
 
 def load_settings() -> Settings:

@@ -1,4 +1,5 @@
-"""Real services for tests: a throwaway Redis and a throwaway PostgreSQL, no fakes.
+"""Real services for tests: a throwaway Redis and a throwaway PostgreSQL (and a streaming replica
+of it, :class:`PostgresReplica`), no fakes.
 
 Both start on a free loopback port with their data in a temporary folder, and are stopped and
 removed by ``close()`` (also at interpreter exit). From a shell::
@@ -32,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["PostgresServer", "RedisServer", "ServiceError", "free_port"]
+__all__ = ["PostgresReplica", "PostgresServer", "RedisServer", "ServiceError", "free_port"]
 
 _START_TIMEOUT = 30.0
 _PG_SYSTEM_USER = "iretest"
@@ -382,6 +383,116 @@ class PostgresServer(_Service):
                 self._run(self.bindir / "pg_ctl", "-D", self.data_dir, "-m", "fast", "-w", "stop", timeout=60)
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
+
+
+class PostgresReplica(PostgresServer):
+    """A streaming replica of a private :class:`PostgresServer`, on its own port.
+
+    Made by ``pg_basebackup -R`` through a physical replication slot, and started as a hot
+    standby: read-only, it serves the primary's databases (``url_for``) as the primary's WAL is
+    replayed. :meth:`promote` makes it a primary; :meth:`close` stops it and removes its folder.
+    """
+
+    def __init__(self, primary: PostgresServer) -> None:
+        if primary.external or primary._dir is None:
+            raise ServiceError("a replica needs a private PostgresServer (not IRE_TEST_POSTGRES_URL)")
+        self.external = False
+        self._started = False
+        self.primary = primary
+        self.bindir = primary.bindir
+        self.user = primary.user
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.database = primary.database
+        self.slot = f"ire_replica_{uuid.uuid4().hex[:8]}"
+        self._dir = Path(tempfile.mkdtemp(prefix="ire-pg-replica-", dir=primary._dir.parent))
+        self.url = self._url_for(self.database)
+        atexit.register(self.close)
+        try:
+            self._clone_and_start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _clone_and_start(self) -> None:
+        assert self._dir is not None
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam(self.user)
+            os.chown(self._dir, entry.pw_uid, entry.pw_gid)
+        self._run(
+            self.bindir / "pg_basebackup", "-D", self.data_dir, "-h", self.primary.host,
+            "-p", str(self.primary.port), "-U", self.user, "-X", "stream", "-R", "-C", "-S", self.slot,
+            "--no-sync", "--checkpoint=fast",
+        )  # fmt: skip
+        options = " ".join(
+            [
+                "-c listen_addresses=127.0.0.1",
+                f"-c unix_socket_directories={self._dir}",
+                f"-c port={self.port}",
+                "-c hot_standby=on",
+                "-c max_connections=200",  # a standby needs at least the primary's
+                "-c fsync=off",
+            ]
+        )
+        self._run(
+            self.bindir / "pg_ctl", "-D", self.data_dir, "-l", self._dir / "server.log", "-w",
+            "-t", str(int(_START_TIMEOUT)), "-o", options, "start",
+        )  # fmt: skip
+        self._started = True
+
+    def url_for(self, database: str) -> str:
+        """The URL of one of the primary's databases, read on this replica."""
+        return self._url_for(database)
+
+    def wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Wait until the replica has replayed everything the primary has written so far."""
+        with self.primary._admin() as conn:
+            target = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        deadline = time.monotonic() + timeout
+        with self._admin() as conn:
+            while True:
+                row = conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (str(target),)).fetchone()
+                if row[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"replica on port {self.port} did not replay up to {target} in {timeout} s"
+                    )
+                time.sleep(0.02)
+
+    def pause_replay(self) -> None:
+        """Stop applying the primary's WAL (it is still received): reads see a frozen past."""
+        with self._admin() as conn:
+            conn.execute("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        """Apply the primary's WAL again."""
+        with self._admin() as conn:
+            conn.execute("SELECT pg_wal_replay_resume()")
+
+    def promote(self) -> None:
+        """Make this replica a primary (``pg_ctl promote``, waiting until it accepts writes)."""
+        self._run(
+            self.bindir / "pg_ctl", "-D", self.data_dir, "-w", "-t", str(int(_START_TIMEOUT)), "promote"
+        )
+
+    def new_database(self, name: str | None = None) -> str:
+        """A replica cannot create databases: create them on the primary."""
+        raise ServiceError("create databases on the primary; a replica is read-only")
+
+    def close(self) -> None:
+        """Stop the replica, drop its slot on the primary if that still runs, remove its folder."""
+        super().close()
+        if self.primary._started:
+            import psycopg
+
+            # A slot left behind would make the primary keep WAL for ever; best effort on close.
+            with contextlib.suppress(psycopg.Error), self.primary._admin() as conn:
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE slot_name = %s",
+                    (self.slot,),
+                )
 
 
 def main(argv: list[str]) -> int:

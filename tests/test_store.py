@@ -326,7 +326,7 @@ def test_constraint_violation_writes_nothing(store: JobStore, monkeypatch: pytes
     def no_batch(*args: Any) -> None:
         return None  # the batch's data column is NOT NULL
 
-    monkeypatch.setattr(job_store_module, "_evaluation_batch", no_batch)
+    monkeypatch.setattr(job_store_module, "evaluation_batch", no_batch)
     with pytest.raises(StoreError, match="cannot"):
         commit(store, "j", p1, 2)
     assert snapshot(store, "j") == before

@@ -3,7 +3,9 @@
 JSON columns are plain text written by orjson (the same bytes on SQLite and PostgreSQL); times are
 UTC. ``cycles``, ``evaluation_batches``, ``checkpoints`` and ``anomalies`` reference ``jobs`` with
 ``ON DELETE CASCADE`` (SQLite enforces it: the store turns ``PRAGMA foreign_keys`` on);
-:meth:`JobStore.delete_job` also deletes their rows explicitly.
+:meth:`JobStore.delete_job` also deletes their rows explicitly. On PostgreSQL the growing tables
+(``PARTITIONED_TABLES``) are hash-partitioned by ``job_id`` (``engine.store.schema``); their
+primary keys start with it, as partitioning requires.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ __all__ = [
     "CycleRow",
     "EvaluationBatchRow",
     "JobRow",
+    "ShardRow",
     "ANOMALIES",
     "CHECKPOINTS",
     "CYCLES",
     "EVALUATION_BATCHES",
     "JOBS",
+    "PARTITIONED_TABLES",
+    "SHARD",
     "STORE_TABLES",
 ]
 
@@ -123,11 +128,25 @@ class AnomalyRow(SQLModel, table=True):
     created_at: datetime = Field(sa_type=_TS)
 
 
+class ShardRow(SQLModel, table=True):
+    """Which shard of how many this database is (one row): jobs are placed by a hash of their id
+    over the shard count, so a database must not be listed in another place or in a longer list."""
+
+    __tablename__ = "store_shard"
+
+    id: int = Field(default=1, primary_key=True)
+    shard: int
+    shard_count: int
+
+
 JOBS: Table = SQLModel.metadata.tables["jobs"]
 CYCLES: Table = SQLModel.metadata.tables["cycles"]
 EVALUATION_BATCHES: Table = SQLModel.metadata.tables["evaluation_batches"]
 CHECKPOINTS: Table = SQLModel.metadata.tables["checkpoints"]
 ANOMALIES: Table = SQLModel.metadata.tables["anomalies"]
+SHARD: Table = SQLModel.metadata.tables["store_shard"]
 
 #: The tables :class:`~engine.store.JobStore` creates, parents first.
-STORE_TABLES: tuple[Table, ...] = (JOBS, CYCLES, EVALUATION_BATCHES, CHECKPOINTS, ANOMALIES)
+STORE_TABLES: tuple[Table, ...] = (JOBS, CYCLES, EVALUATION_BATCHES, CHECKPOINTS, ANOMALIES, SHARD)
+#: The tables that grow with every cycle: hash-partitioned by ``job_id`` on PostgreSQL.
+PARTITIONED_TABLES: tuple[Table, ...] = (CYCLES, EVALUATION_BATCHES, ANOMALIES)
