@@ -46,6 +46,7 @@ from engine.execution import Executor, ProblemRef, Writeback
 from engine.observe.anomaly import AnomalyDetector, DetectorConfig
 from engine.observe.logs import bind_log_context, set_log_cycle
 from engine.problems import load_problem, problem_space
+from engine.signing import secret_key, sign_checkpoint, verified_checkpoint
 from engine.store import JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
 
@@ -126,10 +127,14 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def build_job(job_id: str, spec: JobSpec) -> Job:
-    """Load the problem and make a fresh strategy; raises SpecError on bad input (nothing written)."""
+def build_job(job_id: str, spec: JobSpec, *, allowed_modules: Sequence[str] | None = None) -> Job:
+    """Load the problem and make a fresh strategy; raises SpecError on bad input (nothing written).
+
+    ``allowed_modules``: for a spec from outside (a deployment run), the module prefixes its
+    import path may name (see :func:`engine.problems.load_problem`).
+    """
     anomaly_config(spec)
-    problem = load_problem(spec.problem, dict(spec.problem_params))
+    problem = load_problem(spec.problem, dict(spec.problem_params), allowed_modules=allowed_modules)
     space = problem_space(problem)
     strategy = make_strategy(spec.strategy, space, spec.seed, dict(spec.strategy_params))
     return Job(job_id, spec, problem, space, strategy)
@@ -143,23 +148,27 @@ def anomaly_config(spec: JobSpec) -> DetectorConfig:
         raise SpecError(f"anomaly_params: {exc}") from None
 
 
-def create_job(store: JobStore, spec: JobSpec, job_id: str | None = None) -> Job:
+def create_job(
+    store: JobStore, spec: JobSpec, job_id: str | None = None, *, allowed_modules: Sequence[str] | None = None
+) -> Job:
     """Validate everything first, then record the new job (so bad input writes nothing)."""
-    job = build_job(job_id or new_job_id(), spec)
+    job = build_job(job_id or new_job_id(), spec, allowed_modules=allowed_modules)
     store.create_job(job.job_id, spec)
     return job
 
 
-def resume_job(store: JobStore, job_id: str) -> Job:
-    """Rebuild a job from its last committed checkpoint."""
+def resume_job(store: JobStore, job_id: str, *, allowed_modules: Sequence[str] | None = None) -> Job:
+    """Rebuild a job from its last committed checkpoint, which must carry a valid signature."""
     record = store.get_job(job_id)
     if record.status is JobStatus.COMPLETED:
         raise SpecError(f"job {job_id!r} already completed ({record.stop_reason}): nothing to resume")
-    job = build_job(job_id, record.spec)
+    job = build_job(job_id, record.spec, allowed_modules=allowed_modules)
     checkpoint = store.last_checkpoint(job_id)
     if checkpoint is not None:
-        job.strategy = restore_strategy(record.spec.strategy, job.space, checkpoint.state["strategy"])
-        job.progress = Progress.from_dict(checkpoint.state["progress"])
+        # A checkpoint can hold a pickle: load only one this deployment signed (engine.signing).
+        state = verified_checkpoint(job_id, checkpoint.state, secret_key())
+        job.strategy = restore_strategy(record.spec.strategy, job.space, state["strategy"])
+        job.progress = Progress.from_dict(state["progress"])
     return job
 
 
@@ -173,6 +182,7 @@ class CycleCommitter:
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
+        self._key = secret_key()  # checkpoints are signed (engine.signing)
         self._held: Callable[[], None] | None = None
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
@@ -214,8 +224,12 @@ class CycleCommitter:
         state: dict[str, Any],
     ) -> None:
         """Queue the commit of one cycle; the job's progress is captured now."""
-        store, job_id, progress = self._store, job.job_id, job.progress
-        self.submit(lambda: store.commit_cycle(job_id, cycle, progress, candidates, evaluations, state))
+        store, job_id, progress, key = self._store, job.job_id, job.progress, self._key
+        self.submit(
+            lambda: store.commit_cycle(
+                job_id, cycle, progress, candidates, evaluations, sign_checkpoint(job_id, state, key)
+            )
+        )
 
     def flush(self) -> None:
         """Wait until every submitted commit is written; raise the first commit error."""

@@ -25,14 +25,17 @@ from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import NotSet, quote
 
 from engine.cache import CacheConfig
-from engine.core import JobExistsError, JobNotFoundError, JobSpec, Progress, SpecError, TransientError
+from engine.core import JobExistsError, JobNotFoundError, JobSpec, Progress, SpecError
 from engine.execution import Executor, InProcessExecutor
+from engine.execution.transient import is_transient
 from engine.observe.logs import RunContextFormatter, bind_log_context, record_context, use_json_logs
 from engine.problems import describe_problem, load_problem
 from engine.runner import CycleListener, JobResult, StageRunner, create_job, resume_job, run_job
 from engine.settings import load_settings
+from engine.signing import use_secret_key
 from engine.store import JobRecord, JobStatus, JobStore
 from flows.observers import ObserverContext, Observers
+from flows.secret_key import secret_key_from_block
 
 T = TypeVar("T")
 
@@ -66,10 +69,8 @@ def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
     """Retry only infrastructure errors (a lost worker or connection), never a user's mistake."""
     try:
         state.result(raise_on_failure=True)
-    except TransientError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return is_transient(exc)
     return False
 
 
@@ -385,10 +386,13 @@ def refine(
             # heard of it: the job is done, so the run returns its result instead of failing.
             logger.info("job %s already completed (%s)", existing.job_id, existing.stop_reason)
             return _completed_result(store, existing)
+        # A deployment run's spec comes from whoever may create flow runs: allow-listed problems only.
+        allowed = settings.problem_module_prefixes() if deployed else None
+        use_secret_key(secret_key_from_block(settings.secret_key_block))
         if spec is not None and existing is None:
-            job = create_job(store, spec, job_id)
+            job = create_job(store, spec, job_id, allowed_modules=allowed)
         elif job_id is not None:
-            job = resume_job(store, job_id)
+            job = resume_job(store, job_id, allowed_modules=allowed)
         else:
             raise SpecError("give a job spec to start a job, or a job_id to resume one")
         bind_log_context(job_id=job.job_id)  # a new job's generated id

@@ -280,13 +280,17 @@ def _use_observability_flags(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.core import SpecError
-    from engine.runner import create_job
+    from engine.runner import build_job, new_job_id
 
     spec = build_spec(args)
     _use_observability_flags(args)
+    try:  # every check before the store is opened: a refused run creates no file and no table
+        job = build_job(args.job_id or new_job_id(), spec)
+    except SpecError as exc:
+        raise BadInput(str(exc)) from None
     store = _open_store()
     try:
-        job = create_job(store, spec, args.job_id)
+        store.create_job(job.job_id, spec)
     except SpecError as exc:
         raise BadInput(str(exc)) from None
     finally:
@@ -299,8 +303,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from engine.core import SpecError
     from engine.runner import resume_job
+    from irefine.checkpoints import use_deployment_key
 
     _use_observability_flags(args)
+    use_deployment_key()
     store = _open_store()
     try:
         job = resume_job(store, args.job_id)  # validates before Prefect starts
@@ -751,6 +757,10 @@ def make_parser() -> argparse.ArgumentParser:
     from irefine.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
+
+    from irefine.checkpoints import add_parser as add_checkpoints_parser
+
+    add_checkpoints_parser(sub)
 
     from irefine.worker import add_parser as add_worker_parser
 
