@@ -209,7 +209,7 @@ def test_an_import_path_outside_the_allow_list_is_refused_before_import() -> Non
 
 def test_a_class_that_is_not_a_problem_is_never_called(tmp_path: Path) -> None:
     marker = tmp_path / "popen-ran"
-    with pytest.raises(SpecError, match="'subprocess:Popen' is a class without an 'evaluate' method"):
+    with pytest.raises(SpecError, match="'subprocess:Popen' is a class with no callable 'evaluate"):
         load_problem("subprocess:Popen", {"args": f"touch {marker}", "shell": "true"})
     time.sleep(0.2)
     assert not marker.exists()

@@ -90,8 +90,8 @@ def instantiate(obj: Any, params: Mapping[str, Any], name: str) -> Any:
     if inspect.isclass(obj):
         if not callable(getattr(obj, "evaluate", None)):
             raise SpecError(
-                f"problem {name!r} is a class without an 'evaluate' method, so it is not a problem "
-                "and was not called: point at a class with 'space' and 'evaluate(candidate)'"
+                f"problem {name!r} is a class with no callable 'evaluate(candidate)', so it was not "
+                "called: point at a problem class (with 'space' and 'evaluate')"
             )
         kwargs = coerce_params(obj, params, name)
         try:
