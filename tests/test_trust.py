@@ -378,3 +378,12 @@ def test_retry_transient_retries_infrastructure_errors_only(prefect_api: str) ->
 
     stages(return_state=True)
     assert attempts == {"transient": 3, "killed": 3, "comm": 3, "connection": 3, "user": 1, "spec": 1}
+
+
+def test_resign_is_documented_in_help(ire_env: dict[str, str]) -> None:
+    out = irefine("checkpoints", "resign", "--help", env=ire_env)
+    assert out.returncode == 0 and "--yes" in out.stdout and "--all" in out.stdout
+    assert "resign" in irefine("checkpoints", "--help", env=ire_env).stdout
+    missing = irefine("checkpoints", "resign", env=ire_env)
+    assert missing.returncode == 2 and "--all" in missing.stderr
+    assert not Path(ire_env["IRE_HOME"]).exists()
