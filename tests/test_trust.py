@@ -387,3 +387,33 @@ def test_resign_is_documented_in_help(ire_env: dict[str, str]) -> None:
     missing = irefine("checkpoints", "resign", env=ire_env)
     assert missing.returncode == 2 and "--all" in missing.stderr
     assert not Path(ire_env["IRE_HOME"]).exists()
+
+
+@pytest.mark.integration
+def test_a_secret_block_signs_the_flows_checkpoints(
+    prefect_api: str, ire_env: dict[str, str], monkeypatch
+) -> None:
+    from prefect.blocks.system import Secret
+
+    from engine.settings import load_settings
+    from engine.signing import use_secret_key
+    from flows.refine import refine
+
+    key = "block-key-" + "x" * 24
+    Secret(value=key).save("irefine-test-signing-key", overwrite=True)
+    monkeypatch.setenv("IRE_SECRET_KEY_BLOCK", "irefine-test-signing-key")
+    spec = JobSpec.parse({"problem": "sphere", "strategy": "cmaes", "batch_size": 4, "max_cycles": 2})
+    try:
+        state = refine(spec=spec, job_id="block-signed", executor="local", return_state=True)
+    finally:
+        use_secret_key(None)
+    assert state.is_completed()
+    store = JobStore.from_settings(load_settings())
+    try:
+        checkpoint = store.last_checkpoint("block-signed")
+    finally:
+        store.close()
+    assert checkpoint is not None
+    assert verified_checkpoint("block-signed", checkpoint.state, key.encode())["progress"]["cycles"] == 2
+    with pytest.raises(CheckpointRefusedError):  # not under the key file's key
+        verified_checkpoint("block-signed", checkpoint.state, key_file_key(Path(ire_env["IRE_HOME"])))
