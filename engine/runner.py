@@ -49,6 +49,7 @@ from engine.execution import EvaluatedBatch, Executor, ProblemRef, Writeback
 from engine.observe.anomaly import AnomalyDetector, DetectorConfig
 from engine.observe.logs import bind_log_context, set_log_cycle
 from engine.problems import load_problem, problem_space
+from engine.signing import secret_key, sign_checkpoint, verified_checkpoint
 from engine.store import JobRecord, JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
 
@@ -133,10 +134,14 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def build_job(job_id: str, spec: JobSpec) -> Job:
-    """Load the problem and make a fresh strategy; raises SpecError on bad input (nothing written)."""
+def build_job(job_id: str, spec: JobSpec, *, allowed_modules: Sequence[str] | None = None) -> Job:
+    """Load the problem and make a fresh strategy; raises SpecError on bad input (nothing written).
+
+    ``allowed_modules``: for a spec from outside (a deployment run), the module prefixes its
+    import path may name (see :func:`engine.problems.load_problem`).
+    """
     anomaly_config(spec)
-    problem = load_problem(spec.problem, dict(spec.problem_params))
+    problem = load_problem(spec.problem, dict(spec.problem_params), allowed_modules=allowed_modules)
     space = problem_space(problem)
     strategy = make_strategy(spec.strategy, space, spec.seed, dict(spec.strategy_params))
     return Job(job_id, spec, problem, space, strategy)
@@ -150,50 +155,67 @@ def anomaly_config(spec: JobSpec) -> DetectorConfig:
         raise SpecError(f"anomaly_params: {exc}") from None
 
 
-def create_job(store: JobStore, spec: JobSpec, job_id: str | None = None) -> Job:
+def create_job(
+    store: JobStore, spec: JobSpec, job_id: str | None = None, *, allowed_modules: Sequence[str] | None = None
+) -> Job:
     """Validate everything first, then record the new job (so bad input writes nothing)."""
-    job = build_job(job_id or new_job_id(), spec)
+    job = build_job(job_id or new_job_id(), spec, allowed_modules=allowed_modules)
     store.create_job(job.job_id, spec)
     return job
 
 
-def resume_job(store: JobStore, job_id: str, record: JobRecord | None = None) -> Job:
-    """Rebuild a job from its last committed checkpoint (``record``: the job as just read)."""
+def resume_job(
+    store: JobStore,
+    job_id: str,
+    record: JobRecord | None = None,
+    *,
+    allowed_modules: Sequence[str] | None = None,
+) -> Job:
+    """Rebuild a job from its last committed checkpoint, which must carry a valid signature
+    (``record``: the job as just read)."""
     record = record or store.get_job(job_id)
     if record.status is JobStatus.COMPLETED:
         raise SpecError(f"job {job_id!r} already completed ({record.stop_reason}): nothing to resume")
-    job = build_job(job_id, record.spec)
+    job = build_job(job_id, record.spec, allowed_modules=allowed_modules)
     checkpoint = store.last_checkpoint(job_id)
     if checkpoint is not None:
-        job.strategy = restore_strategy(record.spec.strategy, job.space, checkpoint.state["strategy"])
-        job.progress = Progress.from_dict(checkpoint.state["progress"])
+        # A checkpoint can hold a pickle: load only one this deployment signed (engine.signing).
+        state = verified_checkpoint(job_id, checkpoint.state, secret_key())
+        job.strategy = restore_strategy(record.spec.strategy, job.space, state["strategy"])
+        job.progress = Progress.from_dict(state["progress"])
     return job
 
 
-def open_job(store: JobStore, spec: JobSpec | None, job_id: str | None) -> Job | JobRecord:
+def open_job(
+    store: JobStore,
+    spec: JobSpec | None,
+    job_id: str | None,
+    *,
+    allowed_modules: Sequence[str] | None = None,
+) -> Job | JobRecord:
     """The job to run, built once: a new job for ``spec`` (under ``job_id`` or a fresh id), or the
     job ``job_id`` resumed from its last checkpoint.
 
     Both given, for a job that exists with that same spec, resume it (a rerun of a crashed flow
     run continues its job); if that job has completed, its record is returned instead (nothing to
     run). Raises :class:`SpecError` (nothing written) for bad input, another spec under the id, or
-    a completed job asked for by id alone.
+    a completed job asked for by id alone. ``allowed_modules``: see :func:`build_job`.
     """
     if spec is None:
         if job_id is None:
             raise SpecError("give a job spec to start a job, or a job_id to resume one")
-        return resume_job(store, job_id)
+        return resume_job(store, job_id, allowed_modules=allowed_modules)
     if job_id is None:
-        return create_job(store, spec)
+        return create_job(store, spec, allowed_modules=allowed_modules)
     try:
         record = store.get_job(job_id, fresh=True)
     except JobNotFoundError:
-        return create_job(store, spec, job_id)
+        return create_job(store, spec, job_id, allowed_modules=allowed_modules)
     if record.spec != spec:
         raise JobExistsError(f"job {job_id!r} exists with another spec: choose another job id")
     if record.status is JobStatus.COMPLETED:
         return record
-    return resume_job(store, job_id, record)
+    return resume_job(store, job_id, record, allowed_modules=allowed_modules)
 
 
 class CycleCommitter:
@@ -206,6 +228,7 @@ class CycleCommitter:
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
+        self._key = secret_key()  # checkpoints are signed (engine.signing)
         self._held: Callable[[], None] | None = None
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
@@ -247,8 +270,12 @@ class CycleCommitter:
         state: dict[str, Any],
     ) -> None:
         """Queue the commit of one cycle; the job's progress is captured now."""
-        store, job_id, progress = self._store, job.job_id, job.progress
-        self.submit(lambda: store.commit_cycle(job_id, cycle, progress, candidates, evaluations, state))
+        store, job_id, progress, key = self._store, job.job_id, job.progress, self._key
+        self.submit(
+            lambda: store.commit_cycle(
+                job_id, cycle, progress, candidates, evaluations, sign_checkpoint(job_id, state, key)
+            )
+        )
 
     def flush(self) -> None:
         """Wait until every submitted commit is written; raise the first commit error."""

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.cache.base import DEFAULT_MAX_ENTRIES, DEFAULT_NAMESPACE, DEFAULT_TTL_SECONDS
@@ -71,6 +71,38 @@ class Settings(BaseSettings):
     )
     metrics_addr: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
     log_format: Literal["text", "json"] = Field("text", description="console log lines: text or JSON")
+    secret_key: SecretStr | None = Field(
+        None,
+        description="key that signs checkpoints (16+ characters, the same on every machine sharing a "
+        "store); default: the key file IRE_HOME/secret.key, made on first use",
+    )
+    secret_key_block: str | None = Field(
+        None, description="name of a Prefect Secret block holding the signing key (wins over IRE_SECRET_KEY)"
+    )
+    problem_modules: str = Field(
+        "",
+        description="comma-separated module prefixes that specs from deployment runs may import "
+        "problems from (built-ins and entry-point plug-ins are always allowed)",
+    )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _key_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("give a key of 16 or more characters, e.g. from `openssl rand -hex 32`")
+        return value
+
+    @field_validator("problem_modules")
+    @classmethod
+    def _module_prefixes(cls, value: str) -> str:
+        for prefix in (p.strip() for p in value.split(",")):
+            if prefix and not _MODULE_PREFIX.fullmatch(prefix):
+                raise ValueError(f"{prefix!r} is not a module name: write e.g. mycompany.problems,lab")
+        return value
+
+    def problem_module_prefixes(self) -> tuple[str, ...]:
+        """The allow-listed module prefixes of ``problem_modules``."""
+        return tuple(p.strip() for p in self.problem_modules.split(",") if p.strip())
 
     @field_validator("dask_worker_memory")
     @classmethod
@@ -117,6 +149,7 @@ class Settings(BaseSettings):
         return list(replicas)
 
 
+_MODULE_PREFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]?|[bB])?")
 # A comma that starts the next URL (a multi-host URL, H1:P1,H2:P2, has commas of its own).
 _URL_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")

@@ -22,18 +22,21 @@ from prefect.utilities.annotations import NotSet, quote
 
 from engine.core import JobSpec, TransientError
 from engine.execution import Executor
+from engine.execution.transient import is_transient
 from engine.observe.logs import bind_log_context
 from engine.observe.metrics import ResourceProbe
 from engine.problems import describe_problem
 from engine.runner import CycleListener, Job, open_job
 from engine.services import ExecutorKind, JobServices, services_from_settings
 from engine.settings import Settings, load_settings
+from engine.signing import use_secret_key
 from engine.status import JobStatusReport
 from engine.store import JobRecord, JobStore
 from flows.limits import evaluation_slots, running_job_slot
 from flows.metrics import start_resource_sampler
 from flows.observers import ObserverContext, Observers
 from flows.run_context import bind_run_logs, deployment_id, prefix_run_logs, run_job_id
+from flows.secret_key import secret_key_from_block
 
 __all__ = ["InProcessRun", "deployment_id", "describe", "prefect_stage", "refine", "run_refine"]
 
@@ -67,10 +70,8 @@ def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
     """Retry only infrastructure errors (a lost worker or connection), never a user's mistake."""
     try:
         state.result(raise_on_failure=True)
-    except TransientError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return is_transient(exc)
     return False
 
 
@@ -214,7 +215,10 @@ def refine(
         held.enter_context(running_job_slot(deployed))
         base = job_services(settings, services, executor, dask_address, local)
         held.callback(base.close)
-        opened = local.job or open_job(base.store, spec, job_id)
+        # A deployment run's spec comes from whoever may create flow runs: allow-listed problems only.
+        allowed = settings.problem_module_prefixes() if deployed else None
+        use_secret_key(secret_key_from_block(settings.secret_key_block))
+        opened = local.job or open_job(base.store, spec, job_id, allowed_modules=allowed)
         if isinstance(opened, JobRecord):
             # A rerun of a flow run whose process died after the job completed, before Prefect
             # heard of it: the job is done, so the run returns its status instead of failing.

@@ -196,14 +196,16 @@ def _run_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.runner import create_job
+    from engine.runner import build_job, new_job_id
     from engine.store import JobStore
 
     spec = build_spec(args)
     settings = _run_settings(args)
+    # Every check before the store is opened: a refused run creates no file and no table.
+    job = build_job(args.job_id or new_job_id(), spec)
     store = JobStore.from_settings(settings)
     try:
-        job = create_job(store, spec, args.job_id)
+        store.create_job(job.job_id, spec)
         if not args.quiet:
             print(f"job {job.job_id}: {spec.problem} with {spec.strategy}, batch {spec.batch_size}")
         return _run_flow(job, settings, store, args)
@@ -214,8 +216,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from engine.runner import resume_job
     from engine.store import JobStore
+    from irefine.checkpoints import use_deployment_key
 
     settings = _run_settings(args)
+    use_deployment_key()
     store = JobStore.from_settings(settings)
     try:
         job = resume_job(store, args.job_id)  # validates before Prefect starts
@@ -593,6 +597,10 @@ def make_parser() -> argparse.ArgumentParser:
     from irefine.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
+
+    from irefine.checkpoints import add_parser as add_checkpoints_parser
+
+    add_checkpoints_parser(sub)
 
     from irefine.worker import add_parser as add_worker_parser
 

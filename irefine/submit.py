@@ -111,12 +111,14 @@ def spec_from_file(path: str, job_id: str) -> JobSpec:
     """The job spec of ``path``, validated as ``irefine run`` validates it (problem and strategy load)."""
     from engine.core import JobSpec
     from engine.runner import build_job
+    from engine.settings import load_settings
 
     data = load_spec_file(path)
     if "problem" not in data:
         raise BadInput(f"spec file {path!r} names no problem: add problem = 'NAME' (see `irefine problems`)")
     spec = JobSpec.parse(data)
-    build_job(job_id, spec)
+    # As the deployment run will: only built-ins, plug-ins and IRE_PROBLEM_MODULES.
+    build_job(job_id, spec, allowed_modules=load_settings().problem_module_prefixes())
     return spec
 
 

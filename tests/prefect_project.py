@@ -20,6 +20,8 @@ def project_env(api_url: str, **extra: str) -> dict[str, str]:
         "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "IRE_PROJECT_DIR": str(ROOT),
+        # Deployment runs import module:attr problems only from allow-listed modules: the tests'.
+        "IRE_PROBLEM_MODULES": os.environ.get("IRE_PROBLEM_MODULES", "tests"),
         **extra,
     }
 

@@ -102,3 +102,24 @@ class Leaky:
             _HOARD.append(b"\x01" * (self.leak_mb << 20))  # written, so resident
             time.sleep(30)  # the nanny restarts the worker long before this ends
         return float(candidate["x"])
+
+
+class BrokenOnWorker:
+    """Builds in the flow's process but raises when built on a Dask worker, appending a line to
+    the file ``counter`` each time it is tried there (to count retries)."""
+
+    space = {"x": Float(0, 1)}
+
+    def __init__(self, counter: str) -> None:
+        from distributed import get_worker
+
+        try:
+            get_worker()
+        except ValueError:  # not on a Dask worker
+            return
+        with open(counter, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        raise RuntimeError("the licence server is unreachable from this worker")
+
+    def evaluate(self, candidate: Any) -> float:
+        return float(candidate["x"])

@@ -419,6 +419,39 @@ def test_failure_burst_pauses_the_queue_and_notifies(
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_a_deployment_run_naming_subprocess_popen_is_refused_and_runs_nothing(
+    process_worker: dict[str, str], tmp_path: Path
+) -> None:
+    """Whoever may create flow runs may not run commands on the workers (issue 13): the spec's
+    module is not allow-listed (the worker allows IRE_PROBLEM_MODULES=tests), so nothing is imported,
+    called or stored."""
+    from engine.core import JobNotFoundError
+    from engine.store import JobStore
+
+    marker = tmp_path / "popen-ran"
+    spec = {
+        "problem": "subprocess:Popen",
+        "problem_params": {"args": f"touch {marker}", "shell": True},
+        "max_evaluations": 4,
+    }
+    job_id = f"popen-{uuid.uuid4().hex[:8]}"
+    (run,) = _create_runs({"spec": spec, "job_id": job_id, "executor": "local"}, "normal")
+    final = _wait_run(run.id, lambda r: r.state is not None and r.state.is_final(), 240, "final")
+    assert final.state_name == "Failed", _states(run.id)
+    assert "module 'subprocess' is not allowed" in (final.state.message or ""), final.state.message
+    time.sleep(0.5)
+    assert not marker.exists()
+    store = JobStore(process_worker["IRE_DATABASE_URL"])
+    try:
+        with pytest.raises(JobNotFoundError):
+            store.get_job(job_id, fresh=True)
+    finally:
+        store.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_killed_job_is_resumed_to_the_uninterrupted_result(
     process_worker: dict[str, str], receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ Strategies that work on vectors (random search, CMA-ES) sample in ``[0, 1]^d`` a
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,11 @@ from engine.core.errors import SpecError
 Value = float | int | str | bool | None
 
 
+def _finite_number(value: Any) -> bool:
+    """A real bound: an int or float (not a bool, a string or None), neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Float:
     """A real parameter in ``[low, high]``, sampled uniformly or, with ``log=True``, log-uniformly."""
@@ -28,7 +34,7 @@ class Float:
     log: bool = False
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low >= self.high:
+        if not (_finite_number(self.low) and _finite_number(self.high)) or self.low >= self.high:
             raise SpecError(f"Float({self.low}, {self.high}): need finite bounds with low < high")
         if self.log and self.low <= 0:
             raise SpecError(f"Float({self.low}, {self.high}, log=True): log scale needs low > 0")
@@ -63,7 +69,12 @@ class Int:
     log: bool = False
 
     def __post_init__(self) -> None:
-        if int(self.low) != self.low or int(self.high) != self.high or self.low >= self.high:
+        if (
+            not (_finite_number(self.low) and _finite_number(self.high))
+            or int(self.low) != self.low
+            or int(self.high) != self.high
+            or self.low >= self.high
+        ):
             raise SpecError(f"Int({self.low}, {self.high}): need integer bounds with low < high")
         if self.log and self.low <= 0:
             raise SpecError(f"Int({self.low}, {self.high}, log=True): log scale needs low > 0")
@@ -105,6 +116,8 @@ class Choice:
         for o in opts:
             if not isinstance(o, (str, int, float, bool)) and o is not None:
                 raise SpecError(f"Choice option {o!r}: options must be str, int, float, bool or None")
+            if isinstance(o, float) and not math.isfinite(o):
+                raise SpecError(f"Choice option {o!r}: number options must be finite")
         object.__setattr__(self, "options", opts)
 
     def from_unit(self, u: float) -> Value:

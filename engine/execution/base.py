@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from engine.cache.config import CacheConfig, process_cache
-from engine.core import Candidate, Evaluation
+from engine.core import Candidate, Evaluation, SpecError
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,15 @@ def worker_problem(ref: ProblemRef) -> Any:
     if problem is None:
         from engine.problems import load_problem
 
-        problem = _PROBLEMS[ref.key] = load_problem(ref.name, ref.params)
+        try:
+            problem = load_problem(ref.name, ref.params)
+        except SpecError:
+            raise
+        except Exception as exc:  # a user's problem broken in a way the loader does not catch
+            raise SpecError(
+                f"problem {ref.name!r} could not be loaded: {type(exc).__name__}: {exc}"
+            ) from None
+        _PROBLEMS[ref.key] = problem
     return problem
 
 

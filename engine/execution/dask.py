@@ -6,6 +6,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -13,8 +14,9 @@ from dask.utils import parse_bytes
 from distributed import Client, LocalCluster, system
 from distributed.utils import get_mp_context
 
-from engine.core import Candidate, Evaluation, TransientError
+from engine.core import Candidate, EngineError, Evaluation, SpecError, TransientError
 from engine.execution.base import Executor, ProblemRef, Writeback, evaluate_shard, split_shards
+from engine.execution.transient import is_transient
 from engine.settings import load_settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,39 @@ def start_local_cluster(**kwargs: Any) -> LocalCluster:
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         _preload_forkserver()
         return LocalCluster(**kwargs)
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """A shard that failed for good on a worker (e.g. its problem cannot be built there), returned
+    instead of raised so that Dask does not retry it."""
+
+    message: str
+    user_error: bool
+
+    def error(self, ref: ProblemRef) -> EngineError:
+        """The error that fails the job: the user's own message for a problem that cannot load."""
+        if self.user_error:
+            return SpecError(f"{self.message} (on a Dask worker; not retried)")
+        return EngineError(f"a Dask task for problem {ref.name!r} failed: {self.message}")
+
+
+def evaluate_shard_task(
+    ref: ProblemRef, candidates: Sequence[Candidate], writeback: Writeback | None = None
+) -> list[Evaluation] | ShardFailure:
+    """The Dask task: :func:`evaluate_shard`, raising only transient errors (Dask retries those).
+
+    A user's exception in ``evaluate`` is already that evaluation's failure; what is left (the
+    problem cannot be imported or built on this worker) would fail every retry the same way.
+    """
+    try:
+        return evaluate_shard(ref, candidates, writeback)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        if isinstance(exc, SpecError):
+            return ShardFailure(str(exc), user_error=True)
+        return ShardFailure(f"{type(exc).__name__}: {exc}", user_error=False)
 
 
 class DaskExecutor:
@@ -104,14 +139,24 @@ class DaskExecutor:
         writebacks: list[Writeback | None] = [None] * len(shards)
         if writeback is not None:
             writebacks = [writeback.for_shard(keys) for keys in split_shards(writeback.keys, count)]
+        # Dask retries what a task raises; evaluate_shard_task raises only transient errors.
         futures = self.client.map(
-            evaluate_shard, [ref] * len(shards), shards, writebacks, pure=False, retries=self._retries
+            evaluate_shard_task, [ref] * len(shards), shards, writebacks, pure=False, retries=self._retries
         )
         try:
             results = self.client.gather(futures)
         except Exception as exc:
-            raise TransientError(f"Dask lost the cycle's evaluations: {type(exc).__name__}: {exc}") from exc
-        return [e for shard in results for e in shard]
+            if is_transient(exc):
+                raise TransientError(
+                    f"Dask lost the cycle's evaluations: {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+        out: list[Evaluation] = []
+        for shard in results:
+            if isinstance(shard, ShardFailure):
+                raise shard.error(ref)
+            out.extend(shard)
+        return out
 
     def close(self) -> None:
         self.client.close()

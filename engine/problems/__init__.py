@@ -7,18 +7,25 @@ lazily, so importing this package does not import scikit-learn.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from engine.core.errors import SpecError
 from engine.core.problem import Problem, problem_direction, problem_version
 from engine.core.space import Choice, Dimension, Float, Int, Space
-from engine.problems.loader import check_problem, import_object, instantiate, space_of
+from engine.problems.loader import (
+    check_module_allowed,
+    check_problem,
+    import_object,
+    instantiate,
+    space_of,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PROBLEMS",
+    "check_module_allowed",
     "describe_problem",
     "format_dimension",
     "load_problem",
@@ -48,11 +55,16 @@ _BUILTIN_PATHS: dict[str, str] = {
 }
 
 
-def load_problem(ref: str, params: Mapping[str, Any] | None = None) -> Problem:
+def load_problem(
+    ref: str, params: Mapping[str, Any] | None = None, *, allowed_modules: Sequence[str] | None = None
+) -> Problem:
     """Build and check the problem ``ref`` names, with ``params`` (strings are coerced to types).
 
+    ``allowed_modules`` (for specs from outside: deployment runs, submissions): an import path must
+    lie in one of these module prefixes, checked before anything is imported; ``None``: any module.
     Raises :class:`SpecError` with one line saying what to change for an unknown name, a failed
-    import, a bad or out-of-range parameter, or an object that is not a valid problem.
+    import, a module not allowed, a bad or out-of-range parameter, or an object that is not a
+    valid problem.
     """
     params = dict(params or {})
     name = ref.strip() if isinstance(ref, str) else ""
@@ -71,6 +83,8 @@ def load_problem(ref: str, params: Mapping[str, Any] | None = None) -> Problem:
                     + " ".join(str(exc).split())
                 ) from None
         elif ":" in name:
+            if allowed_modules is not None:
+                check_module_allowed(name, allowed_modules)
             obj = import_object(name, name)
         else:
             raise SpecError(f"unknown problem {name!r}: {_choices()}")

@@ -11,7 +11,7 @@ import importlib
 import inspect
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, cast
 
 from engine.core.errors import SpecError
@@ -62,9 +62,37 @@ def import_object(path: str, name: str | None = None) -> Any:
     return obj
 
 
+ALWAYS_ALLOWED_MODULES = ("engine.problems",)
+"""Where the built-ins live: their import paths are allowed wherever built-in names are."""
+
+
+def check_module_allowed(path: str, allowed_modules: Sequence[str]) -> None:
+    """Refuse (SpecError) the import path ``module:attr`` unless its module lies in one of
+    ``allowed_modules`` (a prefix ``a.b`` allows ``a.b`` and ``a.b.*``); imports nothing."""
+    module_name = path.partition(":")[0].strip()
+    for prefix in (*ALWAYS_ALLOWED_MODULES, *allowed_modules):
+        if module_name == prefix or module_name.startswith(prefix + "."):
+            return
+    listed = ", ".join(allowed_modules) or "none"
+    raise SpecError(
+        f"problem {path!r}: module {module_name!r} is not allowed for specs from deployment runs "
+        f"(allowed: built-ins, plug-ins and IRE_PROBLEM_MODULES={listed}): use a built-in or a "
+        "plug-in, or have the operator add the module to IRE_PROBLEM_MODULES"
+    )
+
+
 def instantiate(obj: Any, params: Mapping[str, Any], name: str) -> Any:
-    """Build the problem from ``obj``: call a class with coerced params, or take an instance as is."""
+    """Build the problem from ``obj``: call a class with coerced params, or take an instance as is.
+
+    A class is called only if it defines a callable ``evaluate`` (the problem protocol), so that
+    an import path cannot make the engine call an arbitrary class (``subprocess:Popen``).
+    """
     if inspect.isclass(obj):
+        if not callable(getattr(obj, "evaluate", None)):
+            raise SpecError(
+                f"problem {name!r} is a class with no callable 'evaluate(candidate)', so it was not "
+                "called: point at a problem class (with 'space' and 'evaluate')"
+            )
         kwargs = coerce_params(obj, params, name)
         try:
             return obj(**kwargs)

@@ -337,6 +337,18 @@ class JobStore:
             return None
         return Checkpoint(job_id, row.cycle, orjson.loads(row.state), utc(row.created_at))
 
+    def replace_checkpoint_state(self, job_id: str, cycle: int, state: dict[str, Any]) -> bool:
+        """Overwrite the state of the job's checkpoint of ``cycle`` (re-signing it); False if the
+        job has no checkpoint of that cycle any more (it moved on)."""
+        state_json = _dumps(state, "checkpoint state")
+        stmt = (
+            update(CHECKPOINTS)
+            .where(CHECKPOINTS.c.job_id == job_id, CHECKPOINTS.c.cycle == cycle)
+            .values(state=state_json)
+        )
+        with self._errors(f"cannot write the checkpoint of job {job_id!r}"), self._primary.begin() as conn:
+            return bool(conn.execute(stmt).rowcount)
+
     def cycles(self, job_id: str, *, fresh: bool = False) -> list[StoredCycle]:
         """The job's committed cycles in order ([] for an unknown job), from the replica unless ``fresh``."""
         stmt = select(CYCLES).where(CYCLES.c.job_id == job_id).order_by(CYCLES.c.cycle)

@@ -38,7 +38,7 @@ State (JSON-serialisable)::
 Between ``ask`` and ``tell`` the state holds pycma as it was *before* that ask; restoring repeats the
 ask (and checks it reproduces ``pending``), because pycma keys its record of sent solutions by
 ``hash(bytes)``, which differs between Python processes. ``es`` is a pickle: restore only states
-this engine wrote.
+this engine wrote (the runner loads a checkpoint only if its signature matches: engine.signing).
 """
 
 from __future__ import annotations
