@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import NotSet, quote
 
-from engine.core import JobSpec, TransientError
+from engine.core import JobSpec
 from engine.execution import Executor
 from engine.execution.transient import is_transient
 from engine.observe.logs import bind_log_context

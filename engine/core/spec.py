@@ -23,9 +23,13 @@ class JobSpec(BaseModel):
     seed: int = Field(0, ge=0, lt=2**32, description="random seed; same seed, same result")
     max_evaluations: int | None = Field(1000, ge=1, description="stop after this many evaluations")
     max_cycles: int | None = Field(None, ge=1, description="stop after this many cycles")
-    target: float | None = Field(None, allow_inf_nan=False, description="stop once the best score is at least this good")
+    target: float | None = Field(
+        None, allow_inf_nan=False, description="stop once the best score is at least this good"
+    )
     patience: int | None = Field(None, ge=1, description="stop after this many cycles without improvement")
-    tolerance: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="an improvement must beat the best by more than this")
+    tolerance: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="an improvement must beat the best by more than this"
+    )
     max_seconds: float | None = Field(None, gt=0, description="stop after this much run time (seconds)")
     deadline: datetime | None = None
     max_failure_share: float = Field(0.5, ge=0.0, le=1.0, description="fail the job when a cycle fails more")

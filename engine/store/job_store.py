@@ -340,13 +340,16 @@ class JobStore:
     def replace_checkpoint_state(self, job_id: str, cycle: int, state: dict[str, Any]) -> bool:
         """Overwrite the state of the job's checkpoint of ``cycle`` (re-signing it); False if the
         job has no checkpoint of that cycle any more (it moved on)."""
-        state_json = _dumps(state, "checkpoint state")
+        state_json = dumps(state, "checkpoint state")
         stmt = (
             update(CHECKPOINTS)
             .where(CHECKPOINTS.c.job_id == job_id, CHECKPOINTS.c.cycle == cycle)
             .values(state=state_json)
         )
-        with self._errors(f"cannot write the checkpoint of job {job_id!r}"), self._primary.begin() as conn:
+        with (
+            database_errors(f"cannot write the checkpoint of job {job_id!r}"),
+            self._primary(job_id).begin() as conn,
+        ):
             return bool(conn.execute(stmt).rowcount)
 
     def cycles(self, job_id: str, *, fresh: bool = False) -> list[StoredCycle]:
