@@ -8,13 +8,19 @@ On one 2-worker Dask ``LocalCluster`` and a private ``redis-server``:
 - **resumed**: the same job in a fresh namespace, crashed right after the workers evaluated the
   cycle after the halfway point (so that cycle is in the cache but not in the store), then resumed
   from the store's last checkpoint with the cycle limit lifted: the replayed cycle must be all hits;
+- **concurrent**: the cold job alone in a fresh namespace, then two identical jobs (other ids)
+  started together on another fresh namespace (Redis, then the embedded cache): in-flight leases
+  must make them compute each distinct candidate once (``concurrent_computed_ratio`` = candidates
+  computed by both / distinct candidates, goal 1.0) in about the time of one
+  (``concurrent_wall_ratio`` = wall of both together / wall of one alone, goal <= 1.3), both
+  ending with the same best;
 - **look-ups**: ``put_many`` / ``get_many`` of 5,000 realistic evaluations, Redis and embedded;
 - **flow** (skip with ``--no-flow``): the cold/warm pair through the ``refine`` Prefect flow
   against a Prefect server on a private PostgreSQL.
 
 Progress goes to stderr; the last stdout line is one JSON object. From the repository root::
 
-    .venv/bin/python bench/cache.py              # about 1.5 min
+    .venv/bin/python bench/cache.py              # about 2.5 min
     .venv/bin/python bench/cache.py --quick      # fewer cycles and repetitions
     .venv/bin/python bench/cache.py --no-flow    # engine only, no Prefect/PostgreSQL
     .venv/bin/python bench/cache.py --profile    # + a pyinstrument profile of one warm run (stderr)
@@ -226,6 +232,58 @@ def resumed_run(bench: Bench, spec: Any, config: Any, cycles: int) -> dict[str, 
     }
 
 
+def concurrent_runs(bench: Bench, home: Path, redis_url: str | None, cycles: int) -> dict[str, Any]:
+    """One cold job alone, then two identical cold jobs started together (threads of this process,
+    each with its own Dask client on the shared cluster), each pair on a fresh namespace."""
+    import threading
+
+    from engine.cache import CacheConfig
+
+    backend = "redis" if redis_url else "embedded"
+    spec = job_spec(cycles)
+
+    def config(name: str) -> Any:
+        return CacheConfig(redis_url=redis_url, home=home, namespace=f"bench-{backend}-{name}")
+
+    alone = bench.run(f"alone-{backend}", spec, config("alone"))
+    log(f"concurrent ({backend}): one job alone {alone.summary()}")
+    together = config("together")
+    results: dict[str, Timed] = {}
+    errors: list[BaseException] = []
+    go = threading.Barrier(2)
+
+    def run(job_id: str) -> None:
+        try:
+            go.wait()
+            results[job_id] = bench.run(job_id, spec, together)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"{name}-{backend}",)) for name in ("left", "right")]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    pair = list(results.values())
+    computed = sum(t.progress.cache_misses for t in pair)
+    distinct = alone.progress.cache_misses  # the same spec proposes the same candidates
+    for job_id, timed in results.items():
+        log(f"concurrent ({backend}): {job_id} {timed.summary()}")
+    return {
+        "concurrent_computed_ratio": round(computed / distinct, 4),
+        "concurrent_wall_ratio": round(wall / alone.seconds, 3),
+        "concurrent_best_equal": all(t.progress.best_score == alone.progress.best_score for t in pair),
+        "alone_s": round(alone.seconds, 3),
+        "together_s": round(wall, 3),
+        "computed_by_each": [t.progress.cache_misses for t in pair],
+        "distinct": distinct,
+    }
+
+
 def profile_warm(bench: Bench, home: Path, redis_url: str, cycles: int) -> None:
     """One more warm run under pyinstrument; the profile goes to stderr."""
     from pyinstrument import Profiler
@@ -404,6 +462,10 @@ def main() -> None:
         bench = Bench(store, address)
 
         engine = engine_runs(bench, tmp, redis_server.url, cycles, warm_reps=3 if args.quick else 5)
+        concurrent = concurrent_runs(bench, tmp, redis_server.url, cycles)
+        log(f"concurrent (redis): {concurrent}")
+        concurrent_embedded = concurrent_runs(bench, tmp, None, cycles)
+        log(f"concurrent (embedded): {concurrent_embedded}")
         if args.profile:
             profile_warm(bench, tmp, redis_server.url, cycles)
         lookups = lookup_runs(redis_server.url, tmp, reps=10 if args.quick else 20)
@@ -421,6 +483,10 @@ def main() -> None:
             "put_us_per_candidate": lookups.pop("put_us_per_candidate"),
             "embedded": lookups.pop("embedded"),
             "warm_speedup_flow": flow.pop("warm_speedup_flow", None),
+            "concurrent_computed_ratio": concurrent.pop("concurrent_computed_ratio"),
+            "concurrent_wall_ratio": concurrent.pop("concurrent_wall_ratio"),
+            "concurrent": concurrent,
+            "concurrent_embedded": concurrent_embedded,
             **engine,
             **lookups,
             **flow,

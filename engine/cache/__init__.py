@@ -10,12 +10,14 @@ from engine.cache.base import (
     DEFAULT_TTL_SECONDS,
     CacheStats,
     CacheUnavailableError,
+    Claim,
     InferenceCache,
     cache_key,
     decode_evaluation,
     encode_evaluation,
     key_prefix,
     open_cache,
+    redact_url,
 )
 from engine.cache.config import CacheConfig, process_cache
 from engine.cache.embedded import EmbeddedCache
@@ -27,6 +29,7 @@ __all__ = [
     "InferenceCache",
     "CacheStats",
     "CacheUnavailableError",
+    "Claim",
     "RedisCache",
     "EmbeddedCache",
     "open_cache",
@@ -34,6 +37,7 @@ __all__ = [
     "key_prefix",
     "encode_evaluation",
     "decode_evaluation",
+    "redact_url",
     "DEFAULT_NAMESPACE",
     "DEFAULT_TTL_SECONDS",
 ]
