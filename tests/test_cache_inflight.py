@@ -24,14 +24,17 @@ from engine.store import JobStore
 pytestmark = pytest.mark.slow
 SPAWN = multiprocessing.get_context("spawn")
 BACKENDS = [pytest.param("redis", marks=pytest.mark.integration), "embedded"]
+# Long enough that a holder's renewals (every third of it) arrive on a machine loaded many times
+# over; short enough that a killed holder is taken over quickly.
+LEASE = 2.0
 
 
 @pytest.fixture(params=BACKENDS)
 def config(request: pytest.FixtureRequest, tmp_path: Path) -> CacheConfig:
     """A cache the test's processes share: the session Redis (a namespace of the test's own) or
-    one SQLite file; leases of one second, so that a dead holder is taken over quickly."""
+    one SQLite file; leases of LEASE seconds, so that a dead holder is taken over quickly."""
     url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
-    return CacheConfig(url, tmp_path / "home", namespace=f"inflight-{tmp_path.name}", lease_seconds=1.0)
+    return CacheConfig(url, tmp_path / "home", namespace=f"inflight-{tmp_path.name}", lease_seconds=LEASE)
 
 
 def open_cache(config: CacheConfig) -> InferenceCache:
@@ -68,16 +71,17 @@ def logged_compute(cache: InferenceCache, log: Path, seconds: float, stuck_after
     return compute
 
 
-def _share(config: CacheConfig, owner: str, n: int, log: str, go: Any, result: str) -> None:
+def _share(config: CacheConfig, owner: str, n: int, log: str, ready: Any, go: Any, result: str) -> None:
     cache = open_cache(config)
     keys = keys_of(config, n)
+    ready.set()
     go.wait(60)
     shared = evaluate_once(
         cache,
         keys,
         logged_compute(cache, Path(log), 0.02),
         owner=owner,
-        lease_seconds=1.0,
+        lease_seconds=LEASE,
         max_wait_seconds=60,
     )
     scores = {k: shared.get(k).score for k in keys}
@@ -85,19 +89,19 @@ def _share(config: CacheConfig, owner: str, n: int, log: str, go: Any, result: s
 
 
 def test_processes_sharing_a_cache_compute_each_candidate_once(config: CacheConfig, tmp_path: Path) -> None:
-    log, go = tmp_path / "computed.log", SPAWN.Event()
-    results = [tmp_path / f"result-{i}.json" for i in range(3)]
-    children = [
-        SPAWN.Process(target=_share, args=(config, f"job-{i}", 60, str(log), go, str(results[i])))
-        for i in range(3)
-    ]
-    for child in children:
-        child.start()
-    time.sleep(0.5)
-    go.set()  # all three start together (each has imported and opened the cache by now or soon)
-    for child in children:
-        child.join(120)
-        assert child.exitcode == 0
+    log, ready, go = tmp_path / "computed.log", SPAWN.Event(), SPAWN.Event()
+    results = [tmp_path / f"result-{i}.json" for i in range(2)]
+    child = SPAWN.Process(target=_share, args=(config, "job-0", 60, str(log), ready, go, str(results[0])))
+    child.start()
+    here = threading.Thread(
+        target=_share, args=(config, "job-1", 60, str(log), threading.Event(), go, str(results[1]))
+    )
+    here.start()
+    assert ready.wait(120)
+    go.set()  # this process and the child start together
+    here.join(120)
+    child.join(120)
+    assert child.exitcode == 0
     computed = Counter(log.read_text().split())
     assert len(computed) == 60 and set(computed.values()) == {1}, "a candidate was computed twice"
     reports = [json.loads(r.read_text()) for r in results]
@@ -110,7 +114,8 @@ def _hold(config: CacheConfig, n: int, log: str) -> None:
     """Compute the first key, then hang holding (and renewing) the leases on the rest."""
     cache = open_cache(config)
     compute = logged_compute(cache, Path(log), 0.01, stuck_after=1)
-    evaluate_once(cache, keys_of(config, n), compute, owner="holder", lease_seconds=1.0, max_wait_seconds=60)
+    keys = keys_of(config, n)
+    evaluate_once(cache, keys, compute, owner="holder", lease_seconds=LEASE, max_wait_seconds=60)
 
 
 def wait_for_lines(path: Path, n: int, limit: float = 60) -> None:
@@ -136,14 +141,14 @@ def test_a_killed_holder_is_taken_over_once_its_leases_expire(config: CacheConfi
                 keys_of(config, 20),
                 logged_compute(cache, waiter_log, 0.005),
                 owner="waiter",
-                lease_seconds=1.0,
+                lease_seconds=LEASE,
                 max_wait_seconds=60,
             )
             outcome["seconds"] = time.monotonic() - start
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(2.5)  # 2.5 leases: the holder renews them, so the waiter computes nothing
+        time.sleep(1.5 * LEASE)  # the holder renews its leases, so the waiter computes nothing
         assert not waiter_log.exists(), "the waiter computed candidates whose holder is alive"
         holder.kill()  # SIGKILL: no release, no cleanup
         holder.join(10)
@@ -159,8 +164,8 @@ def test_a_killed_holder_is_taken_over_once_its_leases_expire(config: CacheConfi
     assert sorted(shared.computed) == sorted(keys_of(config, 20)[1:])
     assert list(shared.read) == keys_of(config, 20)[:1]  # the result the holder stored is kept
     assert all(shared.get(k).score == score_of(k) for k in keys_of(config, 20))
-    assert taken_over_after < 1.0 + 1.0 + 0.5, "the takeover waited much longer than a lease"
-    assert outcome["seconds"] > 2.5
+    assert taken_over_after < LEASE + 2.0, "the takeover waited much longer than a lease"
+    assert outcome["seconds"] > 1.5 * LEASE
 
 
 # -- whole jobs -----------------------------------------------------------------------------------
@@ -177,9 +182,10 @@ def logged_spec(log: Path, ms: float, evaluations: int, batch: int) -> dict[str,
     }
 
 
-def _run_job(config: CacheConfig, home: str, job_id: str, spec: dict[str, Any], go: Any) -> None:
+def _run_job(config: CacheConfig, home: str, job_id: str, spec: dict[str, Any], ready: Any, go: Any) -> None:
     store = JobStore(f"sqlite:///{home}/{job_id}.db")
     job = create_job(store, JobSpec.parse(spec), job_id)
+    ready.set()
     go.wait(60)
     result = run_job(job, store, InProcessExecutor(), cache=config)
     Path(home, f"{job_id}.json").write_text(json.dumps(result.to_dict()))
@@ -187,16 +193,17 @@ def _run_job(config: CacheConfig, home: str, job_id: str, spec: dict[str, Any], 
 
 
 def test_two_identical_jobs_at_once_pay_once_and_agree(config: CacheConfig, tmp_path: Path) -> None:
-    log, go = tmp_path / "evals.log", SPAWN.Event()
+    log, ready, go = tmp_path / "evals.log", SPAWN.Event(), SPAWN.Event()
     spec = logged_spec(log, ms=20, evaluations=80, batch=10)
-    jobs = [SPAWN.Process(target=_run_job, args=(config, str(tmp_path), f"j{i}", spec, go)) for i in (1, 2)]
-    for job in jobs:
-        job.start()
-    time.sleep(0.5)
-    go.set()
-    for job in jobs:
-        job.join(180)
-        assert job.exitcode == 0
+    child = SPAWN.Process(target=_run_job, args=(config, str(tmp_path), "j1", spec, ready, go))
+    child.start()
+    here = threading.Thread(target=_run_job, args=(config, str(tmp_path), "j2", spec, threading.Event(), go))
+    here.start()
+    assert ready.wait(120)
+    go.set()  # both jobs start together
+    here.join(180)
+    child.join(180)
+    assert child.exitcode == 0
     results = [json.loads((tmp_path / f"j{i}.json").read_text()) for i in (1, 2)]
     evaluated = log.read_text().splitlines()
     assert len(evaluated) == len(set(evaluated)), "both jobs computed the same candidate"
@@ -208,10 +215,10 @@ def test_two_identical_jobs_at_once_pay_once_and_agree(config: CacheConfig, tmp_
 def test_a_job_killed_mid_cycle_is_taken_over_and_the_other_completes(
     config: CacheConfig, tmp_path: Path
 ) -> None:
-    log, go = tmp_path / "evals.log", SPAWN.Event()
-    spec = logged_spec(log, ms=400, evaluations=16, batch=8)  # a cycle of 3.2 s: 3 leases long
+    log, ready, go = tmp_path / "evals.log", SPAWN.Event(), SPAWN.Event()  # kept until the child reads them
+    spec = logged_spec(log, ms=800, evaluations=12, batch=8)  # a first cycle of 6.4 s: 3 leases long
     go.set()
-    first = SPAWN.Process(target=_run_job, args=(config, str(tmp_path), "killed", spec, go))
+    first = SPAWN.Process(target=_run_job, args=(config, str(tmp_path), "killed", spec, ready, go))
     first.start()
     try:
         wait_for_lines(log, 2)  # two results stored, six leases held
@@ -222,7 +229,7 @@ def test_a_job_killed_mid_cycle_is_taken_over_and_the_other_completes(
             target=lambda: outcome.update(result=run_job(job, store, InProcessExecutor(), cache=config))
         )
         survivor.start()
-        time.sleep(1.5)  # the survivor waits; the first job renews its leases
+        time.sleep(1.5 * LEASE)  # the survivor waits; the first job renews its leases
         before_kill = Counter(log.read_text().splitlines())
         assert set(before_kill.values()) == {1}, "the survivor computed a candidate being computed"
         first.kill()
@@ -234,6 +241,6 @@ def test_a_job_killed_mid_cycle_is_taken_over_and_the_other_completes(
             first.kill()
             first.join()
     result = outcome["result"]
-    assert result.status.value == "completed" and result.progress.evaluations == 16
+    assert result.status.value == "completed" and result.progress.evaluations == 12
     assert result.progress.cached >= 2  # the results the killed job stored before it died
     store.close()
