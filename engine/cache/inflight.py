@@ -14,11 +14,8 @@ Only what reaches the cache is shared: a failure that the holder does not cache
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,15 +31,15 @@ log = logging.getLogger(__name__)
 POLL_FIRST_SECONDS: Final = 0.01
 POLL_MAX_SECONDS: Final = 0.25
 _POLL_GROWTH: Final = 1.5
-_PROCESS_TOKEN: Final = uuid.uuid4().hex[:8]
 
 Compute = Callable[[list[str]], list[Evaluation]]
 """Evaluates the candidates of the given keys (writing them to the cache) and returns their evaluations."""
 
 
 def lease_owner(job_id: str) -> str:
-    """The lease owner of ``job_id`` run by this process: ``job@host:pid:token``, unique per process."""
-    return f"{job_id}@{socket.gethostname()}:{os.getpid()}:{_PROCESS_TOKEN}"
+    """The lease owner of a job: ``job:<id>``. Not per process, so that a job resumed after a crash
+    takes back at once the leases its dead run left (instead of waiting for them to expire)."""
+    return f"job:{job_id}"
 
 
 @dataclass(frozen=True)
