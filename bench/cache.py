@@ -23,6 +23,7 @@ Progress goes to stderr; the last stdout line is one JSON object. From the repos
     .venv/bin/python bench/cache.py              # about 2.5 min
     .venv/bin/python bench/cache.py --quick      # fewer cycles and repetitions
     .venv/bin/python bench/cache.py --no-flow    # engine only, no Prefect/PostgreSQL
+    .venv/bin/python bench/cache.py --flow-only  # only the cold/warm pair through the flow
     .venv/bin/python bench/cache.py --profile    # + a pyinstrument profile of one warm run (stderr)
 """
 
@@ -449,11 +450,29 @@ def flow_runs(address: str, home: Path, redis_url: str, cycles: int) -> dict[str
 # -- main -----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def prefect_api(startup_timeout: float) -> Any:
+    """``tests.prefect_server.prefect_api_on_postgres`` with a longer start-up bound: on a loaded
+    machine the server can take minutes to answer."""
+    from tests.prefect_server import PrefectServer, drain_prefect
+    from tests.services import PostgresServer
+
+    with contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(PostgresServer())
+        server = PrefectServer(postgres.new_database(), startup_timeout=startup_timeout)
+        stack.callback(server.close)
+        os.environ["PREFECT_API_URL"] = server.url
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        stack.callback(drain_prefect)
+        yield server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 cycles, fewer repetitions")
     parser.add_argument("--no-flow", action="store_true", help="skip the Prefect flow pair")
     parser.add_argument("--profile", action="store_true", help="profile one warm run (pyinstrument)")
+    parser.add_argument("--flow-only", action="store_true", help="only the Prefect flow pair")
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     cycles = 4 if args.quick else 10
@@ -462,14 +481,13 @@ def main() -> None:
     from distributed import LocalCluster
 
     from engine.store import JobStore
-    from tests.prefect_server import prefect_api_on_postgres
     from tests.services import RedisServer
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ire-bench-cache-")))
         if not args.no_flow:
             log("starting PostgreSQL and the Prefect server")
-            stack.enter_context(prefect_api_on_postgres())
+            stack.enter_context(prefect_api(startup_timeout=600))
         redis_server = stack.enter_context(RedisServer())
         log(f"Redis at {redis_server.url}; starting the Dask cluster")
         cluster = stack.enter_context(
@@ -480,16 +498,21 @@ def main() -> None:
         stack.callback(store.close)
         bench = Bench(store, address)
 
-        engine = engine_runs(bench, tmp, redis_server.url, cycles, warm_reps=3 if args.quick else 5)
-        concurrent = concurrent_runs(bench, tmp, redis_server.url, cycles)
-        log(f"concurrent (redis): {concurrent}")
-        concurrent_embedded = concurrent_runs(bench, tmp, None, cycles)
-        log(f"concurrent (embedded): {concurrent_embedded}")
-        if args.profile:
-            profile_warm(bench, tmp, redis_server.url, cycles)
-        lookups = lookup_runs(redis_server.url, tmp, reps=10 if args.quick else 20)
+        if not args.flow_only:
+            engine = engine_runs(bench, tmp, redis_server.url, cycles, warm_reps=3 if args.quick else 5)
+            concurrent = concurrent_runs(bench, tmp, redis_server.url, cycles)
+            log(f"concurrent (redis): {concurrent}")
+            concurrent_embedded = concurrent_runs(bench, tmp, None, cycles)
+            log(f"concurrent (embedded): {concurrent_embedded}")
+            if args.profile:
+                profile_warm(bench, tmp, redis_server.url, cycles)
+            lookups = lookup_runs(redis_server.url, tmp, reps=10 if args.quick else 20)
         flow = {} if args.no_flow else flow_runs(address, tmp / "flow-home", redis_server.url, cycles)
 
+    if args.flow_only:
+        report.update({"warm_speedup_flow": flow.pop("warm_speedup_flow", None), **flow, "cycles": cycles})
+        print(json.dumps(report), flush=True)
+        return
     report.update(
         {
             "warm_speedup": engine.pop("warm_speedup"),
