@@ -8,15 +8,22 @@ On one 2-worker Dask ``LocalCluster`` and a private ``redis-server``:
 - **resumed**: the same job in a fresh namespace, crashed right after the workers evaluated the
   cycle after the halfway point (so that cycle is in the cache but not in the store), then resumed
   from the store's last checkpoint with the cycle limit lifted: the replayed cycle must be all hits;
+- **concurrent**: the cold job alone in a fresh namespace, then two identical jobs (other ids,
+  two processes) started together on another fresh namespace (Redis, then the embedded cache):
+  in-flight leases must make them compute each distinct candidate once
+  (``concurrent_computed_ratio`` = candidates computed by both / distinct candidates, goal 1.0)
+  in about the time of one (``concurrent_wall_ratio`` = wall of both together / wall of one
+  alone, goal <= 1.3), both ending with the same best;
 - **look-ups**: ``put_many`` / ``get_many`` of 5,000 realistic evaluations, Redis and embedded;
 - **flow** (skip with ``--no-flow``): the cold/warm pair through the ``refine`` Prefect flow
   against a Prefect server on a private PostgreSQL.
 
 Progress goes to stderr; the last stdout line is one JSON object. From the repository root::
 
-    .venv/bin/python bench/cache.py              # about 1.5 min
+    .venv/bin/python bench/cache.py              # about 2.5 min
     .venv/bin/python bench/cache.py --quick      # fewer cycles and repetitions
     .venv/bin/python bench/cache.py --no-flow    # engine only, no Prefect/PostgreSQL
+    .venv/bin/python bench/cache.py --flow-only  # only the cold/warm pair through the flow
     .venv/bin/python bench/cache.py --profile    # + a pyinstrument profile of one warm run (stderr)
 """
 
@@ -226,6 +233,77 @@ def resumed_run(bench: Bench, spec: Any, config: Any, cycles: int) -> dict[str, 
     }
 
 
+def _pair_member(
+    address: str, db: str, job_id: str, cycles: int, config: Any, ready: Any, go: Any, out: str
+) -> None:
+    """One of the two concurrent jobs, in a process of its own (pycma draws from numpy's global
+    random state, so two CMA-ES jobs in one process would not propose the same candidates)."""
+    from engine.execution.dask import DaskExecutor
+    from engine.runner import create_job, run_job
+    from engine.store import JobStore
+
+    store = JobStore(f"sqlite:///{db}")
+    executor = DaskExecutor.start(address)
+    job = create_job(store, job_spec(cycles), job_id)
+    ready.set()
+    go.wait(600)
+    started = time.time()
+    result = run_job(job, store, executor, cache=config)
+    ended = time.time()
+    executor.close()
+    store.close()
+    progress = result.progress
+    summary = {"started": started, "ended": ended, "misses": progress.cache_misses}
+    Path(out).write_text(json.dumps({**summary, "best": progress.best_score}))
+
+
+def concurrent_runs(bench: Bench, home: Path, redis_url: str | None, cycles: int) -> dict[str, Any]:
+    """One cold job alone, then two identical cold jobs started together (two processes, each with
+    its own store and Dask client on the shared cluster), each on a fresh namespace."""
+    import multiprocessing
+
+    from engine.cache import CacheConfig
+
+    backend = "redis" if redis_url else "embedded"
+    spec = job_spec(cycles)
+
+    def config(name: str) -> Any:
+        return CacheConfig(redis_url=redis_url, home=home, namespace=f"bench-{backend}-{name}")
+
+    alone = bench.run(f"alone-{backend}", spec, config("alone"))
+    log(f"concurrent ({backend}): one job alone {alone.summary()}")
+    spawn = multiprocessing.get_context("spawn")
+    go = spawn.Event()
+    members = []
+    for name in ("left", "right"):
+        ready, out = spawn.Event(), home / f"pair-{backend}-{name}.json"
+        args = (bench.address, str(home / f"pair-{backend}-{name}.db"), name, cycles, config("together"))
+        process = spawn.Process(target=_pair_member, args=(*args, ready, go, str(out)))
+        process.start()
+        members.append((process, ready, out))
+    for _, ready, _ in members:
+        ready.wait(600)
+    go.set()
+    for process, _, _ in members:
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"a concurrent job exited with {process.exitcode}")
+    pair = [json.loads(out.read_text()) for _, _, out in members]
+    wall = max(m["ended"] for m in pair) - min(m["started"] for m in pair)
+    computed = sum(m["misses"] for m in pair)
+    distinct = alone.progress.cache_misses  # the same spec proposes the same candidates
+    log(f"concurrent ({backend}): together {wall:.2f} s, {pair}")
+    return {
+        "concurrent_computed_ratio": round(computed / distinct, 4),
+        "concurrent_wall_ratio": round(wall / alone.seconds, 3),
+        "concurrent_best_equal": all(m["best"] == alone.progress.best_score for m in pair),
+        "alone_s": round(alone.seconds, 3),
+        "together_s": round(wall, 3),
+        "computed_by_each": [m["misses"] for m in pair],
+        "distinct": distinct,
+    }
+
+
 def profile_warm(bench: Bench, home: Path, redis_url: str, cycles: int) -> None:
     """One more warm run under pyinstrument; the profile goes to stderr."""
     from pyinstrument import Profiler
@@ -372,11 +450,29 @@ def flow_runs(address: str, home: Path, redis_url: str, cycles: int) -> dict[str
 # -- main -----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def prefect_api(startup_timeout: float) -> Any:
+    """``tests.prefect_server.prefect_api_on_postgres`` with a longer start-up bound: on a loaded
+    machine the server can take minutes to answer."""
+    from tests.prefect_server import PrefectServer, drain_prefect
+    from tests.services import PostgresServer
+
+    with contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(PostgresServer())
+        server = PrefectServer(postgres.new_database(), startup_timeout=startup_timeout)
+        stack.callback(server.close)
+        os.environ["PREFECT_API_URL"] = server.url
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        stack.callback(drain_prefect)
+        yield server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 cycles, fewer repetitions")
     parser.add_argument("--no-flow", action="store_true", help="skip the Prefect flow pair")
     parser.add_argument("--profile", action="store_true", help="profile one warm run (pyinstrument)")
+    parser.add_argument("--flow-only", action="store_true", help="only the Prefect flow pair")
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     cycles = 4 if args.quick else 10
@@ -385,14 +481,13 @@ def main() -> None:
     from distributed import LocalCluster
 
     from engine.store import JobStore
-    from tests.prefect_server import prefect_api_on_postgres
     from tests.services import RedisServer
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ire-bench-cache-")))
         if not args.no_flow:
             log("starting PostgreSQL and the Prefect server")
-            stack.enter_context(prefect_api_on_postgres())
+            stack.enter_context(prefect_api(startup_timeout=600))
         redis_server = stack.enter_context(RedisServer())
         log(f"Redis at {redis_server.url}; starting the Dask cluster")
         cluster = stack.enter_context(
@@ -403,12 +498,21 @@ def main() -> None:
         stack.callback(store.close)
         bench = Bench(store, address)
 
-        engine = engine_runs(bench, tmp, redis_server.url, cycles, warm_reps=3 if args.quick else 5)
-        if args.profile:
-            profile_warm(bench, tmp, redis_server.url, cycles)
-        lookups = lookup_runs(redis_server.url, tmp, reps=10 if args.quick else 20)
+        if not args.flow_only:
+            engine = engine_runs(bench, tmp, redis_server.url, cycles, warm_reps=3 if args.quick else 5)
+            concurrent = concurrent_runs(bench, tmp, redis_server.url, cycles)
+            log(f"concurrent (redis): {concurrent}")
+            concurrent_embedded = concurrent_runs(bench, tmp, None, cycles)
+            log(f"concurrent (embedded): {concurrent_embedded}")
+            if args.profile:
+                profile_warm(bench, tmp, redis_server.url, cycles)
+            lookups = lookup_runs(redis_server.url, tmp, reps=10 if args.quick else 20)
         flow = {} if args.no_flow else flow_runs(address, tmp / "flow-home", redis_server.url, cycles)
 
+    if args.flow_only:
+        report.update({"warm_speedup_flow": flow.pop("warm_speedup_flow", None), **flow, "cycles": cycles})
+        print(json.dumps(report), flush=True)
+        return
     report.update(
         {
             "warm_speedup": engine.pop("warm_speedup"),
@@ -421,6 +525,10 @@ def main() -> None:
             "put_us_per_candidate": lookups.pop("put_us_per_candidate"),
             "embedded": lookups.pop("embedded"),
             "warm_speedup_flow": flow.pop("warm_speedup_flow", None),
+            "concurrent_computed_ratio": concurrent.pop("concurrent_computed_ratio"),
+            "concurrent_wall_ratio": concurrent.pop("concurrent_wall_ratio"),
+            "concurrent": concurrent,
+            "concurrent_embedded": concurrent_embedded,
             **engine,
             **lookups,
             **flow,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from engine.cache import CacheConfig, InferenceCache, key_prefix, process_cache
+from engine.cache.inflight import evaluate_once, lease_owner
 from engine.core import (
     Candidate,
     CycleRecord,
@@ -310,20 +311,34 @@ def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> E
     for i, (key, hit) in enumerate(zip(keys, found, strict=True)):
         if hit is None and key not in todo:
             todo[key] = i
-    writeback = Writeback(job.cache_config, tuple(todo), job.spec.cache_ttl_seconds, job.spec.cache_failures)
-    fresh = executor.evaluate(job.ref, [candidates[i] for i in todo.values()], job.spec.shard_size, writeback)
-    computed = dict(zip(todo, fresh, strict=True))
+    config = job.cache_config
+
+    def compute(misses: list[str]) -> list[Evaluation]:
+        writeback = Writeback(config, tuple(misses), job.spec.cache_ttl_seconds, job.spec.cache_failures)
+        return executor.evaluate(
+            job.ref, [candidates[todo[k]] for k in misses], job.spec.shard_size, writeback
+        )
+
+    # A miss another job is computing right now is waited for, not computed again.
+    shared = evaluate_once(
+        job.cache,
+        list(todo),
+        compute,
+        owner=lease_owner(job.job_id),
+        lease_seconds=config.lease_seconds,
+        max_wait_seconds=config.max_wait_seconds,
+    )
     out: list[Evaluation] = []
     for i, (key, hit) in enumerate(zip(keys, found, strict=True)):
         if hit is not None:
             out.append(hit)
         elif todo[key] == i:
-            out.append(computed[key])
+            out.append(shared.get(key))
         else:  # a repeat of a candidate computed in this batch: not paid for twice
-            ev = computed[key]
+            ev = shared.get(key)
             out.append(replace(ev, status=Status.CACHED) if ev.ok else ev)
-    _maybe_stop_caching(job, fresh)
-    return EvaluatedBatch(out, cache_misses=len(todo))
+    _maybe_stop_caching(job, list(shared.computed.values()))
+    return EvaluatedBatch(out, cache_misses=len(shared.computed))
 
 
 def _maybe_stop_caching(job: Job, computed: Sequence[Evaluation]) -> None:

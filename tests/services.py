@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 __all__ = ["PostgresReplica", "PostgresServer", "RedisServer", "ServiceError", "free_port"]
 
@@ -89,11 +90,13 @@ class RedisServer(_Service):
     """A private ``redis-server`` on 127.0.0.1: no persistence, LRU eviction, data in a temp folder.
 
     Started on construction; :meth:`stop` and :meth:`start` stop and restart it on the same port
-    (to test lost connections); :meth:`close` stops it for good and removes its folder.
+    (to test lost connections); :meth:`close` stops it for good and removes its folder. With a
+    ``password`` the server requires it (``requirepass``) and :attr:`url` carries it.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, password: str | None = None) -> None:
         self.binary = find_redis_server()
+        self.password = password
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ire-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -113,8 +116,9 @@ class RedisServer(_Service):
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0`` (``redis://:PASSWORD@127.0.0.1:PORT/0`` with a password)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -137,6 +141,8 @@ class RedisServer(_Service):
             "--daemonize", "no",
             "--logfile", str(log),
         ]  # fmt: skip
+        if self.password:
+            cmd += ["--requirepass", self.password]
         self._proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
@@ -153,7 +159,11 @@ class RedisServer(_Service):
                     f"redis-server on port {self.port} exited with {self._proc.returncode}:\n{_tail(log)}"
                 )
             client = redis.Redis(
-                host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5
+                host="127.0.0.1",
+                port=self.port,
+                password=self.password,
+                socket_connect_timeout=0.5,
+                socket_timeout=0.5,
             )
             try:
                 if client.ping():

@@ -31,6 +31,7 @@ import engine.cache.redis_cache as redis_module
 from engine.cache import (
     CacheStats,
     CacheUnavailableError,
+    Claim,
     EmbeddedCache,
     InferenceCache,
     RedisCache,
@@ -414,6 +415,56 @@ def test_bad_redis_url_is_a_spec_error(url: str) -> None:
 # -- Redis ----------------------------------------------------------------------------------------
 
 
+# -- in-flight leases (the contract; across processes and jobs: tests/test_cache_inflight.py) ----
+
+
+def test_a_lease_is_owned_busy_then_stored(cache: InferenceCache) -> None:
+    k1, k2, k3 = key(cache, 1), key(cache, 2), key(cache, 3)
+    cache.put_many([(k3, ev(3.0))])
+    assert cache.claim_many([k1, k2, k3, k1], "job-a", 30) == [
+        Claim.OWNED,
+        Claim.OWNED,
+        Claim.STORED,
+        Claim.OWNED,
+    ]
+    assert cache.claim_many([k1, k2], "job-b", 30) == [Claim.BUSY, Claim.BUSY]
+    assert cache.claim_many([k1, k2], "job-a", 30) == [Claim.OWNED, Claim.OWNED]  # a renewal
+    cache.put_many([(k1, ev(1.0))])  # the holder's result lands: nobody leases it again
+    assert cache.claim_many([k1], "job-b", 30) == [Claim.STORED]
+    cache.release_many([k2], "job-b")  # not b's lease: left alone
+    assert cache.claim_many([k2], "job-b", 30) == [Claim.BUSY]
+    cache.release_many([k2], "job-a")
+    assert cache.claim_many([k2], "job-b", 30) == [Claim.OWNED]
+    assert cache.claim_many([], "job-b", 30) == []
+    assert cache.get_many([k2]) == [None]  # a lease is not an entry
+
+
+def test_a_lease_not_renewed_expires(cache: InferenceCache) -> None:
+    k = key(cache, 1)
+    assert cache.claim_many([k], "dead-holder", 0.3) == [Claim.OWNED]
+    assert cache.claim_many([k], "waiter", 5) == [Claim.BUSY]
+    time.sleep(0.45)
+    assert cache.claim_many([k], "waiter", 5) == [Claim.OWNED]  # taken over
+    assert cache.claim_many([k], "dead-holder", 5) == [Claim.BUSY]
+
+
+def test_clear_removes_leases_and_count_ignores_them(cache: InferenceCache) -> None:
+    k1, k2 = key(cache, 1), key(cache, 2)
+    cache.put_many([(k1, ev(1.0))])
+    cache.claim_many([k2], "job-a", 30)
+    if isinstance(cache, RedisCache):
+        assert cache.count() == 1
+    assert cache.stats().entries in (1, None)
+    cache.clear()
+    assert cache.claim_many([k1, k2], "job-b", 30) == [Claim.OWNED, Claim.OWNED]
+
+
+@pytest.mark.parametrize("ttl", [0, -1, math.nan])
+def test_bad_lease_ttl_is_a_spec_error(cache: InferenceCache, ttl: float) -> None:
+    with pytest.raises(SpecError):
+        cache.claim_many([key(cache, 1)], "job-a", ttl)
+
+
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis server of the test's own, to stop, restart or reconfigure."""
@@ -534,6 +585,33 @@ def test_redis_outage_goes_on_uncached_and_recovers(
     cache.get_many(keys)
     assert len(warnings_of(caplog)) == 2
     cache.close()
+
+
+@pytest.mark.integration
+def test_redis_leases_in_an_outage_and_when_scripts_are_refused(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = RedisCache(own_redis.url, namespace="lease", retry_initial=0.05, retry_max=0.1)
+    k = key(cache, 1)
+    assert cache.claim_many([k], "job-a", 30) == [Claim.OWNED]
+    own_redis.stop()
+    assert cache.claim_many([k], "job-b", 30) == [Claim.OWNED]  # each job computes, as uncached
+    cache.release_many([k], "job-b")  # never raises
+    own_redis.start()  # empty again
+    time.sleep(0.15)
+    assert cache.claim_many([k], "job-b", 30) == [Claim.OWNED]
+    assert cache.claim_many([k], "job-a", 30) == [Claim.BUSY]
+    cache.close()
+
+    admin(own_redis).execute_command("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "+@all", "-@scripting")
+    refused = RedisCache(f"redis://noscript:pw@127.0.0.1:{own_redis.port}/0", namespace="lease")
+    caplog.clear()
+    assert refused.claim_many([k, key(refused, 2)], "job-c", 30) == [Claim.OWNED, Claim.OWNED]
+    refused.release_many([k], "job-c")
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 1 and "in-flight lease script" in warnings[0], warnings
+    assert "pw@" not in warnings[0]
+    refused.close()
 
 
 @pytest.mark.integration

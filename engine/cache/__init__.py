@@ -11,11 +11,13 @@ from engine.cache.base import (
     DEFAULT_TTL_SECONDS,
     CacheStats,
     CacheUnavailableError,
+    Claim,
     InferenceCache,
     cache_key,
     decode_evaluation,
     encode_evaluation,
     key_prefix,
+    redact_url,
 )
 from engine.cache.config import CacheConfig, process_cache
 from engine.cache.embedded import EmbeddedCache
@@ -28,6 +30,7 @@ __all__ = [
     "InferenceCache",
     "CacheStats",
     "CacheUnavailableError",
+    "Claim",
     "RedisCache",
     "EmbeddedCache",
     "open_cache",
@@ -35,6 +38,7 @@ __all__ = [
     "key_prefix",
     "encode_evaluation",
     "decode_evaluation",
+    "redact_url",
     "DEFAULT_NAMESPACE",
     "DEFAULT_TTL_SECONDS",
     "DEFAULT_MAX_ENTRIES",

@@ -8,6 +8,7 @@ entries become unreachable and expire by their TTL.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import re
@@ -15,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -25,6 +27,7 @@ __all__ = [
     "DEFAULT_NAMESPACE",
     "DEFAULT_TTL_SECONDS",
     "CacheStats",
+    "Claim",
     "CacheUnavailableError",
     "InferenceCache",
     "cache_key",
@@ -32,6 +35,8 @@ __all__ = [
     "encode_evaluation",
     "decode_evaluation",
     "DEFAULT_MAX_ENTRIES",
+    "claim_key",
+    "redact_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,9 @@ DEFAULT_MAX_ENTRIES: Final = 1_000_000
 FORMAT_VERSION: Final = 1
 _JSON_OPTS: Final = orjson.OPT_SERIALIZE_NUMPY  # the job store's options: same bytes, same read-back
 _UNSAFE = re.compile(r"[:\s]")
+CLAIM_SUFFIX: Final = ":inflight"
+_USERINFO_PASSWORD = re.compile(r"(://[^/@?#]*?:)[^/@?#]*@")
+_SECRET_PARAM = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 
 
 class CacheUnavailableError(TransientError):
@@ -85,6 +93,29 @@ def key_prefix(namespace: str, problem: str | None = None, version: str | None =
     if version is not None:
         parts.append(_part(version, "version"))
     return ":".join(parts) + ":"
+
+
+def claim_key(key: str) -> str:
+    """Where the in-flight lease on ``key`` lives: ``key + ":inflight"`` (one component more than
+    any entry key, so it is never read as an entry and ``clear`` of a prefix removes it too)."""
+    return key + CLAIM_SUFFIX
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password and any secret-looking query value (``*password*``, ``*secret*``,
+    ``*token*``, ``*key*``) replaced by ``***``: safe for reprs, logs and error messages."""
+    shown = _USERINFO_PASSWORD.sub(r"\1***@", url)
+    base, sep, query = shown.partition("?")
+    if not sep:
+        return shown
+    fragment = ""
+    query, hashmark, rest = query.partition("#")
+    if hashmark:
+        fragment = "#" + rest
+    params = [
+        (k, "***" if _SECRET_PARAM.search(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)
+    ]
+    return base + "?" + urlencode(params, safe="*/") + fragment
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -246,6 +277,14 @@ class CacheCounters:
             return CacheStats(**self._values, entries=entries, memory_bytes=memory_bytes, backend=backend)
 
 
+class Claim(enum.Enum):
+    """What :meth:`InferenceCache.claim_many` found for one key."""
+
+    OWNED = "owned"  # the caller holds the lease now: compute the candidate, write it, release
+    BUSY = "busy"  # another owner holds a live lease: wait for its entry (or for the lease to end)
+    STORED = "stored"  # the key has an entry: read it with get_many
+
+
 @runtime_checkable
 class InferenceCache(Protocol):
     """A cache of evaluations keyed by :func:`cache_key`: batched, JSON-valued, with TTL and LRU.
@@ -270,6 +309,14 @@ class InferenceCache(Protocol):
       across processes.
     * :meth:`clear` only touches keys of this cache's :attr:`namespace`, and raises
       :class:`CacheUnavailableError` when the backend is down (it is an explicit request).
+    * **In-flight leases** (so that jobs sharing the cache compute a candidate once):
+      :meth:`claim_many` answers, per key and atomically, :attr:`Claim.STORED` when an entry
+      exists, :attr:`Claim.BUSY` when another owner holds a live lease, else takes (or, for the
+      same owner, renews) a lease of ``ttl_seconds`` and answers :attr:`Claim.OWNED`. A lease
+      ends when its holder calls :meth:`release_many` or when it expires (a holder that died), so
+      a holder renews it by claiming again before it runs out. Leases work across processes
+      (Redis: across machines; embedded: the processes of one machine). During an outage every
+      key is OWNED (each job computes, as without a cache) and a release does nothing.
     """
 
     @property
@@ -287,6 +334,14 @@ class InferenceCache(Protocol):
 
     def stats(self) -> CacheStats:
         """Counters since this object was created, plus the backend's size where cheap."""
+        ...
+
+    def claim_many(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> list[Claim]:
+        """Take or renew ``owner``'s lease on each key without an entry or another live holder."""
+        ...
+
+    def release_many(self, keys: Sequence[str], owner: str) -> None:
+        """End ``owner``'s leases on ``keys``; leases of other owners are left alone."""
         ...
 
     def clear(self, prefix: str = "") -> int:

@@ -24,6 +24,7 @@ from engine.cache.base import (
     CacheCounters,
     CacheStats,
     CacheUnavailableError,
+    Claim,
     _decode,
     _warn_rejected,
     check_ttl,
@@ -52,7 +53,16 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_last_used ON entries (last_used);
 CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at);
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
+_CLAIM: Final = (
+    "INSERT INTO claims (key, owner, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at"
+)
 _UPSERT: Final = (
     "INSERT INTO entries (key, value, expires_at, last_used, size) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at, "
@@ -197,6 +207,61 @@ class EmbeddedCache:
             self._succeeded()
             self._counters.add(writes=len(rows), unwritten=skipped)
 
+    def claim_many(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> list[Claim]:
+        """Leases as rows of a ``claims`` table, checked and taken in one write transaction (so
+        atomic across the processes sharing the file); every key OWNED if the file is unusable."""
+        ttl = check_ttl(ttl_seconds, self._default_ttl)
+        if not keys:
+            return []
+        unique = list(dict.fromkeys(keys))
+        now = time.time()
+        states: dict[str, Claim] = {}
+        with self._lock:
+            try:
+                conn = self._connection()
+                with self._transaction(conn):
+                    for start in range(0, len(unique), _CHUNK):
+                        chunk = unique[start : start + _CHUNK]
+                        marks = _marks(len(chunk))
+                        for (key,) in conn.execute(
+                            f"SELECT key FROM entries WHERE expires_at > ? AND key IN ({marks})",
+                            [now, *chunk],
+                        ):
+                            states[key] = Claim.STORED
+                        for key, holder in conn.execute(
+                            f"SELECT key, owner FROM claims WHERE expires_at > ? AND key IN ({marks})",
+                            [now, *chunk],
+                        ):
+                            if key not in states and holder != owner:
+                                states[key] = Claim.BUSY
+                    owned = [key for key in unique if key not in states]
+                    conn.executemany(_CLAIM, [(key, owner, now + ttl) for key in owned])
+            except (sqlite3.Error, OSError) as exc:
+                self._failed(exc)
+                return [Claim.OWNED] * len(keys)
+            self._succeeded()
+        return [states.get(key, Claim.OWNED) for key in keys]
+
+    def release_many(self, keys: Sequence[str], owner: str) -> None:
+        """Delete the owner's own lease rows for ``keys``."""
+        if not keys:
+            return
+        unique = list(dict.fromkeys(keys))
+        with self._lock:
+            try:
+                conn = self._connection()
+                with self._transaction(conn):
+                    for start in range(0, len(unique), _CHUNK):
+                        chunk = unique[start : start + _CHUNK]
+                        conn.execute(
+                            f"DELETE FROM claims WHERE owner = ? AND key IN ({_marks(len(chunk))})",
+                            [owner, *chunk],
+                        )
+            except (sqlite3.Error, OSError) as exc:  # the leases expire by themselves
+                self._failed(exc)
+                return
+            self._succeeded()
+
     def stats(self) -> CacheStats:
         """Counters of this object, plus the file's entry count and entry bytes (key + value)."""
         entries: int | None = None
@@ -221,13 +286,15 @@ class EmbeddedCache:
                     cursor = conn.execute(
                         "DELETE FROM entries WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
                     )
+                    removed = cursor.rowcount
+                    conn.execute("DELETE FROM claims WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))
             except (sqlite3.Error, OSError) as exc:
                 self._failed(exc)
                 raise CacheUnavailableError(
                     f"cannot clear the inference cache in {self._path}: {exc}"
                 ) from None
             self._succeeded()
-            return cursor.rowcount
+            return removed
 
     def close(self) -> None:
         """Close this process's connection to the file."""
@@ -296,6 +363,7 @@ class EmbeddedCache:
         """Purge expired entries now and then, and evict LRU entries down to 90 % of a bound."""
         if now - self._last_purge > _PURGE_EVERY:
             conn.execute("DELETE FROM entries WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM claims WHERE expires_at <= ?", (now,))
             self._last_purge = now
         # count(*) and sum(size) scan the whole table: check the bounds once ~1% of a bound has
         # been written by this process, not on every write (a bound may overshoot by that much).

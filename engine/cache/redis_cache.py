@@ -27,16 +27,20 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from engine.cache.base import (
+    CLAIM_SUFFIX,
     DEFAULT_NAMESPACE,
     DEFAULT_TTL_SECONDS,
     CacheCounters,
     CacheStats,
     CacheUnavailableError,
+    Claim,
     _decode,
     _warn_rejected,
     check_ttl,
+    claim_key,
     encode_items,
     key_prefix,
+    redact_url,
     scoped_prefix,
 )
 from engine.core.errors import SpecError
@@ -52,11 +56,49 @@ LRU_POLICIES: Final = frozenset({"allkeys-lru", "volatile-lru", "allkeys-lfu", "
 _MANAGED_POLICY: Final = "allkeys-lru"
 _CHUNK: Final = 10_000  # keys per MGET and commands per pipeline execution
 _OUTAGE_ERRORS: Final = (redis.RedisError, OSError)
+_CLAIM_CHUNK: Final = 1_000  # keys per claim script call (the script blocks Redis while it runs)
+_CLAIM_STATES: Final = (Claim.OWNED, Claim.BUSY, Claim.STORED)
+
+# KEYS: entry, lease, entry, lease, ...; ARGV: owner, lease ms. Per key: 2 = an entry is stored,
+# 1 = another owner's lease is live, 0 = the lease is (now) the owner's, taken or renewed.
+_CLAIM_SCRIPT: Final = """
+local owner, px, out = ARGV[1], ARGV[2], {}
+for i = 1, #KEYS, 2 do
+  local state = 0
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    state = 2
+  else
+    local holder = redis.call('GET', KEYS[i + 1])
+    if not holder then
+      redis.call('SET', KEYS[i + 1], owner, 'PX', px)
+    elseif holder == owner then
+      redis.call('PEXPIRE', KEYS[i + 1], px)
+    else
+      state = 1
+    end
+  end
+  out[#out + 1] = state
+end
+return out
+"""
+# KEYS: leases; ARGV: owner. Deletes only the owner's own leases.
+_RELEASE_SCRIPT: Final = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+_LEASE_SUFFIX: Final = CLAIM_SUFFIX.encode()
 
 
-def _redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+def _is_lease(key: bytes) -> bool:
+    """True for an in-flight lease key (an entry key has three ':', a lease one more)."""
+    return key.endswith(_LEASE_SUFFIX) and key.count(b":") == 4
 
 
 def _glob_escape(text: str) -> str:
@@ -78,13 +120,13 @@ def _sentinel_client(
     for item in filter(None, hostlist.split(",")):
         match = re.fullmatch(r"\[?([^\[\]]+?)\]?(?::(\d+))?", item)
         if not match:
-            raise SpecError(f"Redis Sentinel URL {_redact(url)!r}: cannot read the address {item!r}")
+            raise SpecError(f"Redis Sentinel URL {redact_url(url)!r}: cannot read the address {item!r}")
         sentinels.append((match.group(1), int(match.group(2) or 26379)))
     segments = [unquote(s) for s in parts.path.split("/") if s]
     db_ok = len(segments) == 1 or (len(segments) == 2 and segments[1].isdigit())
     if not sentinels or not db_ok:
         raise SpecError(
-            f"Redis Sentinel URL {_redact(url)!r}: use "
+            f"Redis Sentinel URL {redact_url(url)!r}: use "
             "redis+sentinel://[:password@]host:port[,host:port...]/service_name[/db]"
         )
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -134,7 +176,7 @@ class RedisCache:
         self._namespace = key_prefix(namespace)[:-1]
         self._default_ttl = check_ttl(default_ttl_seconds, DEFAULT_TTL_SECONDS)
         self._manage_server = manage_server
-        self._shown_url = _redact(url)
+        self._shown_url = redact_url(url)
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._clock = clock
@@ -157,6 +199,9 @@ class RedisCache:
         if self._client.get_connection_kwargs().get("decode_responses"):
             raise SpecError(f"Redis URL {self._shown_url!r}: remove decode_responses (values are bytes)")
 
+        self._claim_script = self._client.register_script(_CLAIM_SCRIPT)
+        self._release_script = self._client.register_script(_RELEASE_SCRIPT)
+        self._claims_refused = False  # the server refuses scripts: every key is computed here
         self._lock = threading.Lock()
         self._down = False  # in an outage: skip the network until _retry_at
         self._down_since = 0.0
@@ -257,6 +302,59 @@ class RedisCache:
         self._succeeded()
         self._counters.add(writes=written, unwritten=skipped)
 
+    def claim_many(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> list[Claim]:
+        """Leases as ``SET key:inflight owner NX PX ttl`` in a Lua script (atomic with the entry
+        check); every key OWNED during an outage or if the server refuses scripts."""
+        ttl = check_ttl(ttl_seconds, self._default_ttl)
+        if not keys:
+            return []
+        if self._claims_refused or not self._usable():
+            return [Claim.OWNED] * len(keys)
+        px = max(1, round(ttl * 1000))
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(keys), _CLAIM_CHUNK):
+                chunk = keys[start : start + _CLAIM_CHUNK]
+                pair_keys = [k for key in chunk for k in (key, claim_key(key))]
+                self._claim_script(keys=pair_keys, args=[owner, px], client=pipe)
+            states = [int(state) for chunk_states in pipe.execute() for state in chunk_states]
+        except redis.ResponseError as exc:  # e.g. EVAL denied by an ACL or a managed service
+            self._refuse_claims(exc)
+            return [Claim.OWNED] * len(keys)
+        except _OUTAGE_ERRORS as exc:
+            self._failed(exc)
+            return [Claim.OWNED] * len(keys)
+        self._succeeded()
+        return [_CLAIM_STATES[state] for state in states]
+
+    def release_many(self, keys: Sequence[str], owner: str) -> None:
+        """Delete the owner's own leases on ``keys`` (a script: GET == owner, then DEL)."""
+        if not keys or self._claims_refused or not self._usable():
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(keys), _CLAIM_CHUNK):
+                chunk = [claim_key(key) for key in keys[start : start + _CLAIM_CHUNK]]
+                self._release_script(keys=chunk, args=[owner], client=pipe)
+            pipe.execute()
+        except redis.ResponseError as exc:
+            self._refuse_claims(exc)
+        except _OUTAGE_ERRORS as exc:  # the leases expire by themselves
+            self._failed(exc)
+        else:
+            self._succeeded()
+
+    def _refuse_claims(self, exc: BaseException) -> None:
+        with self._lock:
+            first, self._claims_refused = not self._claims_refused, True
+        if first:
+            log.warning(
+                "inference cache: Redis at %s refuses the in-flight lease script (%s); jobs sharing "
+                "this cache may compute the same candidate at the same time",
+                self._shown_url,
+                exc,
+            )
+
     def stats(self) -> CacheStats:
         """Counters of this object; ``memory_bytes`` from ``INFO memory`` when Redis is reachable."""
         memory: int | None = None
@@ -293,10 +391,11 @@ class RedisCache:
         return removed
 
     def count(self, prefix: str = "") -> int:
-        """How many of this namespace's keys start with ``prefix`` (a SCAN: an admin operation)."""
+        """How many entries of this namespace start with ``prefix`` (a SCAN: an admin operation;
+        in-flight leases are not counted)."""
         pattern = _glob_escape(scoped_prefix(self._namespace, prefix)) + "*"
         try:
-            return sum(1 for _ in self._client.scan_iter(match=pattern, count=1000))
+            return sum(1 for key in self._client.scan_iter(match=pattern, count=1000) if not _is_lease(key))
         except _OUTAGE_ERRORS as exc:
             self._failed(exc)
             raise CacheUnavailableError(

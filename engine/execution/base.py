@@ -31,9 +31,10 @@ class Writeback:
     """Where a shard writes each finished evaluation, so that a crash loses none of them.
 
     ``keys`` are the cache keys of the shard's candidates, in order. An evaluation that took
-    ``WRITE_NOW_SECONDS`` or more is written the moment it ends; cheaper ones are buffered for at
-    most ``FLUSH_SECONDS`` and go out in a few batched round trips (a crash can cost that much
-    cheap work again, never an expensive evaluation).
+    ``WRITE_NOW_SECONDS`` or more is written the moment it ends; cheaper ones are buffered until
+    they add up to ``WRITE_NOW_SECONDS`` of computing (or ``FLUSH_SECONDS`` have passed) and go
+    out in one batched round trip: a crash of a worker loses less than ``WRITE_NOW_SECONDS`` of
+    its evaluations' time, never an expensive evaluation.
     """
 
     config: CacheConfig
@@ -114,25 +115,29 @@ def _error_text(exc: BaseException) -> str:
 
 
 class _Writer:
-    """Buffers a shard's evaluations and writes them to the cache at most every FLUSH_SECONDS."""
+    """Buffers a shard's evaluations and writes them to the cache once the buffer holds
+    WRITE_NOW_SECONDS of evaluation time, or FLUSH_SECONDS after the last write."""
 
     def __init__(self, writeback: Writeback | None) -> None:
         self._wb = writeback
         self._cache = process_cache(writeback.config) if writeback is not None else None
         self._buffer: list[tuple[str, Evaluation]] = []
+        self._buffered_seconds = 0.0  # evaluation time a crash would lose now
         self._last = time.monotonic()
 
     def add(self, index: int, evaluation: Evaluation) -> None:
         if self._wb is None or not (evaluation.ok or self._wb.include_failed):
             return
         self._buffer.append((self._wb.keys[index], evaluation))
-        if evaluation.duration >= WRITE_NOW_SECONDS or time.monotonic() - self._last >= FLUSH_SECONDS:
+        self._buffered_seconds += evaluation.duration
+        if self._buffered_seconds >= WRITE_NOW_SECONDS or time.monotonic() - self._last >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         if self._cache is not None and self._buffer:
             self._cache.put_many(self._buffer, ttl_seconds=self._wb.ttl_seconds if self._wb else None)
         self._buffer = []
+        self._buffered_seconds = 0.0
         self._last = time.monotonic()
 
 
