@@ -180,15 +180,19 @@ def _summary(console: Any, result: dict[str, Any]) -> None:
 def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
     """Run the job's flow in this process with a progress bar; map the outcome to an exit code."""
     from engine.core import JobFailedError
+    from irefine.server import api_for_run, run_hints
 
+    api = api_for_run(quiet=args.quiet)  # before Prefect's import, which fixes its API address
     prepared = _start_local_cluster(args)  # overlaps the cluster's start with Prefect's import
     view = ProgressView(spec, job_id, enabled=not args.quiet)
+    code = EXIT_OK
     try:
         from engine.observe.logs import bind_log_context
         from flows.refine import LocalHooks, run_refine
 
         _configure_logs()
         bind_log_context(job_id=job_id)  # this process runs this one job: every line is about it
+        api.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
         with view:
             result = run_refine(
                 LocalHooks(listeners=(view,), executor=prepared),
@@ -201,28 +205,33 @@ def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except JobFailedError as exc:
         view.console.print(f"[red]job {job_id} failed:[/red] {exc}")
-        return EXIT_FAILED
+        code = EXIT_FAILED
     except Exception as exc:
         view.console.print(f"[red]job {job_id} failed:[/red] {type(exc).__name__}: {exc}")
-        return EXIT_FAILED
+        code = EXIT_FAILED
+    else:
+        if not args.quiet:
+            _summary(view.console, result)
     finally:
         if prepared is not None:
             _close_prepared(prepared)
+        api.close()
     if not args.quiet:
-        _summary(view.console, result)
-    return EXIT_OK
+        print("\n".join(run_hints(api, job_id)))
+    return code
 
 
 def _configure_logs() -> None:
     """From here on, Prefect's run logs start with ``[job J cycle C]`` and, with IRE_LOG_FORMAT=json,
     console lines are JSON (Prefect has set up its logging by now: importing it does)."""
-    from engine.observe.logs import use_json_logs
+    from engine.observe.logs import hide_engine_failures_on_console, use_json_logs
     from engine.settings import load_settings
     from flows.refine import prefix_run_logs
 
     prefix_run_logs()
     if load_settings().log_format == "json":
         use_json_logs()
+    hide_engine_failures_on_console()  # the CLI prints the reason once; the run log keeps the traceback
 
 
 def _start_local_cluster(args: argparse.Namespace) -> Any:
@@ -755,6 +764,9 @@ def make_parser() -> argparse.ArgumentParser:
     from irefine.worker import add_parser as add_worker_parser
 
     add_worker_parser(sub)
+    from irefine.server import add_parser as add_server_parser
+
+    add_server_parser(sub)
 
     sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
     sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)
