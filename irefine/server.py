@@ -124,7 +124,9 @@ def _is_server_process(pid: int) -> bool:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` (connections of a stopped one may linger)."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
