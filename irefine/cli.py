@@ -180,9 +180,11 @@ def _summary(console: Any, result: dict[str, Any]) -> None:
 def _run_flow(job_id: str, spec: Any, args: argparse.Namespace) -> int:
     """Run the job's flow in this process with a progress bar; map the outcome to an exit code."""
     from engine.core import JobFailedError
-    from irefine.server import api_for_run, run_hints
+    from irefine.server import api_of_this_run, run_hints
 
-    api = api_for_run(quiet=args.quiet)  # before Prefect's import, which fixes its API address
+    api = api_of_this_run()  # before Prefect's import, which fixes its API address
+    if not args.quiet:
+        api.tell_how_to_keep_runs()
     prepared = _start_local_cluster(args)  # overlaps the cluster's start with Prefect's import
     view = ProgressView(spec, job_id, enabled=not args.quiet)
     code = EXIT_OK
@@ -289,10 +291,13 @@ def _use_observability_flags(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.core import SpecError
-    from engine.runner import create_job
+    from irefine.server import api_of_this_run
 
     spec = build_spec(args)
     _use_observability_flags(args)
+    api_of_this_run()  # a temporary API starts while the engine loads and the job is written
+    from engine.runner import create_job
+
     store = _open_store()
     try:
         job = create_job(store, spec, args.job_id)

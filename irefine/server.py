@@ -15,6 +15,7 @@ starts overlap (Prefect starts its own only when the flow first calls the API).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -290,9 +291,17 @@ class ApiChoice:
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
+    _told: bool = False
+
     @property
     def keeps_runs(self) -> bool:
         return self.source != "temporary"
+
+    def tell_how_to_keep_runs(self) -> None:
+        """Say once, on stderr, that a temporary API forgets the run and how to keep runs."""
+        if not self.keeps_runs and not self._told:
+            print(KEEP_RUNS_HINT, file=sys.stderr, flush=True)
+            self._told = True
 
     def wait_ready(self, timeout: float) -> None:
         """Wait for the temporary API to answer (a no-op for the others)."""
@@ -345,9 +354,9 @@ def _start_temporary_api(environ: MutableMapping[str, str], home: Path) -> ApiCh
     return ApiChoice("temporary", api_url, process, log)
 
 
-def api_for_run(environ: MutableMapping[str, str] = os.environ, quiet: bool = False) -> ApiChoice:
+def api_for_run(environ: MutableMapping[str, str] = os.environ) -> ApiChoice:
     """Choose the Prefect API of an in-process run (before Prefect is imported) and point
-    ``environ`` at it; when it is a temporary one, say once on stderr how to keep runs."""
+    ``environ`` at it, launching a temporary one if there is no other."""
     url = environ.get("PREFECT_API_URL") or _profile_api_url(environ)
     if url:
         return ApiChoice("environment", url)
@@ -356,9 +365,21 @@ def api_for_run(environ: MutableMapping[str, str] = os.environ, quiet: bool = Fa
     if record is not None and healthy(record.api_url, timeout=1):
         environ["PREFECT_API_URL"] = record.api_url
         return ApiChoice("local", record.api_url)
-    if not quiet:
-        print(KEEP_RUNS_HINT, file=sys.stderr, flush=True)
     return _start_temporary_api(environ, home)
+
+
+_chosen: ApiChoice | None = None
+
+
+def api_of_this_run() -> ApiChoice:
+    """:func:`api_for_run` for this process, chosen (and a temporary API launched) on the first
+    call, as early as the CLI knows its input is good: the temporary API then starts while the
+    CLI imports the engine and writes the job. Stopped at exit at the latest."""
+    global _chosen
+    if _chosen is None:
+        _chosen = api_for_run()
+        atexit.register(_chosen.close)
+    return _chosen
 
 
 def flow_run_url(flow_run_id: str) -> str | None:

@@ -88,11 +88,14 @@ def test_a_port_in_use_is_bad_input_and_starts_nothing(server_env: dict[str, str
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_without_a_server_a_run_uses_a_temporary_api_and_says_how_to_keep_runs(
     server_env: dict[str, str],
 ) -> None:
     before = {p.pid for p in psutil.process_iter()}
-    run = irefine("run", *SMALL_JOB, "--job-id", "temporary", env=server_env)
+    # A fresh PREFECT_HOME: the temporary API first creates and migrates its database.
+    env = {**server_env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
+    run = irefine("run", *SMALL_JOB, "--job-id", "temporary", env=env, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stderr.count(KEEP_RUNS_HINT) == 1 and "irefine server start" in KEEP_RUNS_HINT
     assert "Prefect UI:" not in run.stdout and "irefine status temporary" in run.stdout
@@ -136,7 +139,7 @@ def test_a_recorded_server_that_is_gone_is_not_used(tmp_path: Path, monkeypatch:
     (home / "server" / "server.json").write_text(json.dumps(record))
     monkeypatch.setenv("IRE_HOME", str(home))
     env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PATH": "/usr/bin"}
-    choice = api_for_run(env, quiet=True)
+    choice = api_for_run(env)
     try:
         assert choice.source == "temporary" and choice.api_url != record["api_url"]
         assert env["PREFECT_API_URL"] == choice.api_url and isinstance(choice.process, subprocess.Popen)
