@@ -18,6 +18,7 @@ import argparse
 import atexit
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -290,7 +291,6 @@ class ApiChoice:
     api_url: str | None
     process: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
-
     _told: bool = False
 
     @property
@@ -389,23 +389,31 @@ def flow_run_url(flow_run_id: str) -> str | None:
     return url_for("flow-run", obj_id=flow_run_id)
 
 
+def _flow_run_of(job_id: str) -> str | None:
+    """The flow run that last ran ``job_id``, as its job store recorded it."""
+    from engine.settings import load_settings
+    from engine.store import JobStore
+
+    store = JobStore.from_settings(load_settings())
+    try:
+        return store.get_job(job_id, fresh=True).flow_run_id
+    finally:
+        store.close()
+
+
 def run_hints(choice: ApiChoice, job_id: str) -> list[str]:
     """What to print after a run: its flow run's UI address when a server keeps it, and where to
     look at the job from the shell."""
     lines: list[str] = []
     if choice.keeps_runs:
-        store = None
-        with contextlib.suppress(Exception):  # a hint: a store it cannot read now leaves it out
-            from engine.settings import load_settings
-            from engine.store import JobStore
-
-            store = JobStore.from_settings(load_settings())
-            flow_run_id = store.get_job(job_id, fresh=True).flow_run_id
-            url = flow_run_url(flow_run_id) if flow_run_id else None
-            if url:
-                lines.append(f"  Prefect UI: {url}")
-        if store is not None:
-            store.close()
+        try:
+            flow_run_id = _flow_run_of(job_id)
+        except Exception as exc:  # a hint: the outcome is printed already
+            logging.getLogger("irefine").warning("no Prefect UI address for job %s: %s", job_id, exc)
+            flow_run_id = None
+        url = flow_run_url(flow_run_id) if flow_run_id else None
+        if url:
+            lines.append(f"  Prefect UI: {url}")
     lines.append(f"  irefine status {job_id}   (this job)    irefine top   (live view of running jobs)")
     return lines
 
