@@ -313,3 +313,24 @@ def test_cache_stats_and_clear(prefect_api, ire_env) -> None:
     assert json.loads(irefine("cache", "stats", "--json", env=ire_env).stdout)["entries"] == 0
     bad = irefine("cache", "clear", "--version", "3", env=ire_env)
     assert bad.returncode == 2 and "needs a problem" in bad.stderr
+
+
+def test_the_console_drops_only_run_reports_of_engine_named_failures() -> None:
+    import logging
+
+    from engine.core import JobFailedError, SpecError, TransientError
+    from engine.observe.logs import EngineFailureFilter
+
+    def report(logger: str, error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            exc_info = sys.exc_info()
+        return logging.LogRecord(logger, logging.ERROR, __file__, 1, "Encountered exception", (), exc_info)
+
+    console = EngineFailureFilter()
+    assert not console.filter(report("prefect.flow_runs", JobFailedError("cycle 1: 8 of 8 failed")))
+    assert not console.filter(report("prefect.task_runs", SpecError("unknown problem")))
+    assert console.filter(report("prefect.flow_runs", TransientError("lost a worker")))  # traceback kept
+    assert console.filter(report("prefect.flow_runs", ZeroDivisionError("a bug")))
+    assert console.filter(report("irefine", JobFailedError("not a run logger")))
