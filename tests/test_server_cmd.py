@@ -37,6 +37,7 @@ def status(env: dict[str, str]) -> tuple[int, dict]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_start_keep_runs_status_stop(server_env: dict[str, str]) -> None:
     port = free_port()
     started = irefine("server", "start", "--port", str(port), env=server_env, timeout=300)
@@ -53,7 +54,7 @@ def test_start_keep_runs_status_stop(server_env: dict[str, str]) -> None:
         text = irefine("server", "status", env=server_env).stdout
         assert f"http://127.0.0.1:{port}" in text and str(running["pid"]) in text and "health: ok" in text
 
-        run = irefine("run", *SMALL_JOB, "--job-id", "kept", env=server_env)
+        run = irefine("run", *SMALL_JOB, "--job-id", "kept", env=server_env, timeout=600)
         assert run.returncode == 0, run.stdout + run.stderr
         assert KEEP_RUNS_HINT not in run.stderr and "Traceback" not in run.stdout + run.stderr
         link = rf"Prefect UI: http://127\.0\.0\.1:{port}/runs/flow-run/([0-9a-f-]{{36}})"

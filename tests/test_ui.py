@@ -135,6 +135,7 @@ def test_the_ui_shows_progress_cycle_table_and_plot_of_a_finished_job(
     assert orange_pixels(run_shot) < 50  # a control: the colour is the plot's, not the UI's
 
 
+@pytest.mark.timeout(900)
 def test_a_run_on_the_local_server_prints_an_address_that_opens_it_in_the_ui(ire_env, tmp_path: Path) -> None:
     """What the README's first command does: `irefine server start`, then `irefine run`, whose
     printed address opens the job's flow run, cycle tasks and artifacts in the UI."""
@@ -154,7 +155,7 @@ def test_a_run_on_the_local_server_prints_an_address_that_opens_it_in_the_ui(ire
         job_id = f"ui-local-{uuid.uuid4().hex[:8]}"
         run = irefine("run", "--problem", "sphere", "--problem-param", "dim=3", "--strategy", "cmaes",
                       "--batch-size", "6", "--max-evaluations", "60", "--seed", "2", "--job-id", job_id,
-                      env=env)  # fmt: skip
+                      env=env, timeout=600)  # fmt: skip
         assert run.returncode == 0, run.stdout + run.stderr
         addresses = re.findall(r"Prefect UI: (\S+)", run.stdout)
         assert len(addresses) == 1 and addresses[0].startswith(server["ui_url"] + "/runs/flow-run/")
