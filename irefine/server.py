@@ -305,8 +305,16 @@ class ApiChoice:
 
     def wait_ready(self, timeout: float) -> None:
         """Wait for the temporary API to answer (a no-op for the others)."""
-        if self.process is not None and self.api_url is not None and self._log is not None:
+        if self.process is None or self.api_url is None or self._log is None:
+            return
+        try:
             _wait_healthy(self.api_url, timeout, Path(self._log.name), self.process.pid)
+        except RuntimeError as exc:  # its log is removed at exit: say what to do instead
+            raise RuntimeError(
+                f"the temporary Prefect API did not start ({str(exc).partition(' (log:')[0]}); keep a "
+                "server running instead (irefine server start) or raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+            ) from None
 
     def close(self) -> None:
         """Stop the temporary API, after this process has sent it its buffered logs and events."""
