@@ -104,8 +104,10 @@ def test_without_a_server_a_run_uses_a_temporary_api_and_says_how_to_keep_runs(
     uvicorn = [sys.executable, "-m", "uvicorn"]
     leftovers = [
         p.info["cmdline"]
-        for p in psutil.process_iter(["cmdline"])
-        if p.pid not in before and (p.info["cmdline"] or [])[:3] == uvicorn
+        for p in psutil.process_iter(["cmdline", "environ"])
+        if p.pid not in before
+        and (p.info["cmdline"] or [])[:3] == uvicorn
+        and (p.info["environ"] or {}).get("IRE_HOME") == env["IRE_HOME"]  # this run's, not another's
     ]
     assert not leftovers  # the temporary API stopped with the run
 
