@@ -6,12 +6,14 @@ strategy and sharding, and (b) the ``refine`` flow against a real Prefect server
 - ``cheap``: CMA-ES on rosenbrock-10, 50 cycles of 5,000 free (vectorised) evaluations;
 - ``20ms``: the same with 20 ms of busy CPU per evaluation, 20 cycles of 200.
 
-Then ``irefine run`` is timed from launch to its first committed cycle, with the Prefect server
-running and with the embedded (ephemeral) Prefect API. The last line on stdout is one JSON object;
-progress goes to stderr. Run from the repository root::
+Then ``irefine run`` is timed from launch to its first committed cycle: with the Prefect server
+on PostgreSQL, with the local server of ``irefine server start`` (``first_cycle_s_local_server``)
+and with the temporary API a run starts without either (``first_cycle_s_embedded``). The last line
+on stdout is one JSON object; progress goes to stderr. Run from the repository root::
 
-    .venv/bin/python bench/overhead.py            # 3 repetitions, ~12 minutes
-    .venv/bin/python bench/overhead.py --quick    # 1 repetition, fewer cycles, ~2 minutes
+    .venv/bin/python bench/overhead.py                 # 3 repetitions, ~12 minutes
+    .venv/bin/python bench/overhead.py --quick         # 1 repetition, fewer cycles, ~2 minutes
+    .venv/bin/python bench/overhead.py --first-cycle   # only the last two start-up figures
 """
 
 from __future__ import annotations
@@ -353,21 +355,93 @@ def first_cycle_runs(env: dict[str, str], label: str, reps: int) -> dict[str, An
 
 
 def measure_first_cycle(reps: int, dask_address: str) -> dict[str, Any]:
-    """The CLI with the Prefect server, with a running Dask scheduler too, and with embedded Prefect."""
+    """The CLI with the Prefect server, with a running Dask scheduler too, and without a server
+    of its own (the local server of `irefine server start`, then the temporary API)."""
     served = {k: v for k, v in os.environ.items() if k != "IRE_DASK_ADDRESS"}
     out = {
         "server": first_cycle_runs(served, "server", reps),
         # Without the CLI's own LocalCluster start: connected to the benchmark's cluster.
         "existing_dask": first_cycle_runs({**served, "IRE_DASK_ADDRESS": dask_address}, "existing-dask", 1),
     }
-    # Embedded: Prefect's ephemeral API in a fresh PREFECT_HOME. The first launch also creates and
-    # migrates Prefect's database (a user's first run); the second finds it ready (every later run).
+    return {**out, **measure_without_api(served, reps)}
+
+
+def import_baseline_seconds(env: dict[str, str]) -> float:
+    """Seconds a fresh interpreter takes to import Prefect and Dask's distributed: the floor of
+    any CLI start on this machine at this moment (the figures below are also given against it)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import prefect, distributed"], env=env, check=True)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def local_server(env: dict[str, str]) -> Iterator[None]:
+    """``irefine server start`` (SQLite, under env's IRE_HOME) for the block; stopped after."""
+    from tests.prefect_server import free_port
+
+    def irefine_server(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "irefine", "server", *args]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    started = irefine_server("start", "--port", str(free_port()))
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(f"irefine server start failed: {started.stdout}{started.stderr}")
+        yield
+    finally:
+        irefine_server("stop")
+
+
+def measure_without_api(base_env: dict[str, str], reps: int) -> dict[str, Any]:
+    """``irefine run`` without PREFECT_API_URL: with the local server running, then with the
+    temporary API (a fresh PREFECT_HOME: its first launch also creates and migrates Prefect's
+    database, a user's first run; the later ones find it ready). Each launch is paired with an
+    import baseline run just before it."""
+    env = {k: v for k, v in base_env.items() if k != "PREFECT_API_URL"}
+    out: dict[str, Any] = {}
+    baselines: list[float] = []
+
+    def runs(run_env: dict[str, str], label: str, count: int) -> dict[str, Any]:
+        baselines.append(import_baseline_seconds(run_env))
+        result = first_cycle_runs(run_env, label, count)
+        result["ratio_to_import_baseline"] = (
+            round(result["median"] / baselines[-1], 2) if result["median"] is not None else None
+        )
+        return result
+
+    with local_server(env):
+        out["local_server"] = runs(env, "local-server", reps)
     with tempfile.TemporaryDirectory(prefix="ire-bench-prefect-home-") as prefect_home:
-        embedded = {k: v for k, v in served.items() if k != "PREFECT_API_URL"}
-        embedded["PREFECT_HOME"] = prefect_home
-        out["embedded_first_use"] = first_cycle_runs(embedded, "embedded-first-use", 1)
-        out["embedded"] = first_cycle_runs(embedded, "embedded", 1)
+        embedded = {**env, "PREFECT_HOME": prefect_home}
+        out["embedded_first_use"] = runs(embedded, "embedded-first-use", 1)
+        out["embedded"] = runs(embedded, "embedded", reps)
+    out["import_baseline_s"] = [round(b, 3) for b in baselines]
     return out
+
+
+def first_cycle_report(first: dict[str, Any]) -> dict[str, Any]:
+    """The start-up figures of the report (issue 16's goals: 3.5 s local server, 6 s embedded)."""
+    return {
+        "first_cycle_s_local_server": first["local_server"]["median"],
+        "first_cycle_s_embedded": first["embedded"]["median"],
+        "first_cycle_s_embedded_first_use": first["embedded_first_use"]["median"],
+        "first_cycle_ratio_to_import_baseline": {
+            key: first[key]["ratio_to_import_baseline"] for key in ("local_server", "embedded")
+        },
+        "load_average_1m": round(os.getloadavg()[0], 1),
+    }
+
+
+def main_first_cycle_only(reps: int) -> None:
+    """Only the start-up of ``irefine run`` without a Prefect API of its own: no PostgreSQL, no
+    benchmark cluster (each launch starts its own LocalCluster, as a user's does)."""
+    with tempfile.TemporaryDirectory(prefix="ire-bench-home-") as ire_home:
+        env = {**os.environ, "IRE_HOME": ire_home}
+        for name in ("IRE_DATABASE_URL", "IRE_DATABASE_REPLICA_URL", "IRE_DASK_ADDRESS", "PREFECT_API_URL"):
+            env.pop(name, None)
+        first = measure_without_api(env, reps)
+    report = {"bench": "overhead", "mode": "first-cycle", **first_cycle_report(first), "first_cycle": first}
+    print(json.dumps(report), flush=True)
 
 
 # -- services -------------------------------------------------------------------------------------
@@ -415,8 +489,16 @@ def services() -> Iterator[tuple[Any, str, Callable[[], float]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 repetition and fewer cycles")
+    parser.add_argument(
+        "--first-cycle",
+        action="store_true",
+        help="only the start-up figures of `irefine run` with the local server and the temporary API",
+    )
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if args.first_cycle:
+        main_first_cycle_only(1 if args.quick else 3)
+        return
     from deployments.server import SERVER_SETTINGS
 
     reps = 1 if args.quick else 3
@@ -437,8 +519,7 @@ def main() -> None:
             "ratio_20ms": results["20ms"]["ratio"],
             "efficiency_20ms": statistics.median(results["20ms"]["efficiency_engine"]),
             "first_cycle_s": first["server"]["median"],
-            "first_cycle_s_embedded": first["embedded"]["median"],
-            "first_cycle_s_embedded_first_use": first["embedded_first_use"]["median"],
+            **first_cycle_report(first),
             "first_cycle_s_existing_dask": first["existing_dask"]["median"],
             **results,
             "first_cycle": first,

@@ -109,15 +109,21 @@ def _summary(console: Any, result: Any, best_cycle: int | None) -> None:
 def _run_flow(job: Any, settings: Any, store: Any, args: argparse.Namespace) -> int:
     """Run the job's flow in this process with a progress bar; map the outcome to an exit code."""
     from engine.core import JobFailedError
+    from irefine.server import api_of_this_run, run_hints
 
+    api = api_of_this_run()  # before Prefect's import, which fixes its API address
+    if not args.quiet:
+        api.tell_how_to_keep_runs()
     prepared = _start_local_cluster(args, settings)  # overlaps the cluster's start with Prefect's import
     view = ProgressView(job.spec, job.job_id, enabled=not args.quiet)
+    code = EXIT_OK
     try:
         from engine.observe.logs import bind_log_context
         from flows.refine import InProcessRun, run_refine
 
         _configure_logs(settings)
         bind_log_context(job_id=job.job_id)  # this process runs this one job: every line is about it
+        api.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
         with view:
             result = run_refine(
                 InProcessRun(job, settings, store, prepared, listeners=(view,)),
@@ -130,27 +136,32 @@ def _run_flow(job: Any, settings: Any, store: Any, args: argparse.Namespace) -> 
         return EXIT_INTERRUPTED
     except JobFailedError as exc:
         view.console.print(f"[red]job {job.job_id} failed:[/red] {exc}")
-        return EXIT_FAILED
+        code = EXIT_FAILED
     except Exception as exc:
         view.console.print(f"[red]job {job.job_id} failed:[/red] {type(exc).__name__}: {exc}")
-        return EXIT_FAILED
+        code = EXIT_FAILED
+    else:
+        if not args.quiet:
+            _summary(view.console, result, job.progress.best_cycle)
     finally:
         if prepared is not None:
             _close_prepared(prepared)
+        api.close()
     if not args.quiet:
-        _summary(view.console, result, job.progress.best_cycle)
-    return EXIT_OK
+        print("\n".join(run_hints(api, job.job_id)))
+    return code
 
 
 def _configure_logs(settings: Any) -> None:
     """From here on, Prefect's run logs start with ``[job J cycle C]`` and, with IRE_LOG_FORMAT=json,
     console lines are JSON (Prefect has set up its logging by now: importing it does)."""
-    from engine.observe.logs import use_json_logs
+    from engine.observe.logs import hide_engine_failures_on_console, use_json_logs
     from flows.run_context import prefix_run_logs
 
     prefix_run_logs()
     if settings.log_format == "json":
         use_json_logs()
+    hide_engine_failures_on_console()  # the CLI prints the reason once; the run log keeps the traceback
 
 
 def _start_local_cluster(args: argparse.Namespace, settings: Any) -> Any:
@@ -196,11 +207,14 @@ def _run_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine.runner import build_job, new_job_id
-    from engine.store import JobStore
+    from irefine.server import api_of_this_run
 
     spec = build_spec(args)
     settings = _run_settings(args)
+    api_of_this_run()  # a temporary API starts while the engine loads and the job is written
+    from engine.runner import build_job, new_job_id
+    from engine.store import JobStore
+
     # Every check before the store is opened: a refused run creates no file and no table.
     job = build_job(args.job_id or new_job_id(), spec)
     store = JobStore.from_settings(settings)
@@ -605,6 +619,9 @@ def make_parser() -> argparse.ArgumentParser:
     from irefine.worker import add_parser as add_worker_parser
 
     add_worker_parser(sub)
+    from irefine.server import add_parser as add_server_parser
+
+    add_server_parser(sub)
 
     sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
     sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)

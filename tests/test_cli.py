@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -175,6 +176,30 @@ def test_failing_job_exits_1(prefect_api, ire_env) -> None:
     assert "max_failure_share" in out.stdout
     status = json.loads(irefine("status", "cli-fail", "--json", env=ire_env).stdout)
     assert status["status"] == "failed" and status["failed_evaluations"] == 8
+    # The reason once, and no traceback, on the terminal; Prefect's run log keeps the traceback.
+    terminal = out.stdout + out.stderr
+    assert terminal.count("max_failure_share") == 1, terminal
+    assert "Traceback" not in terminal and "Encountered exception" not in terminal, terminal
+    links = re.findall(r"Prefect UI: (\S+)/runs/flow-run/([0-9a-f-]{36})", out.stdout)
+    assert [url for url, _ in links] == [prefect_api.removesuffix("/api")], out.stdout
+    assert "irefine status cli-fail" in out.stdout
+    logs = run_log_text(links[0][1], "Encountered exception during execution")
+    assert "Traceback" in logs and "JobFailedError: cycle 1: 8 of 8 evaluations failed" in logs, logs
+
+
+def run_log_text(flow_run_id: str, expected: str, timeout: float = 60) -> str:
+    """The Prefect run logs of a flow run, read from the API once ``expected`` is in them."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            text = "\n".join(log.message for log in logs)
+            if expected in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.5)
 
 
 def _wait_for_cycles(
@@ -288,3 +313,24 @@ def test_cache_stats_and_clear(prefect_api, ire_env) -> None:
     assert json.loads(irefine("cache", "stats", "--json", env=ire_env).stdout)["entries"] == 0
     bad = irefine("cache", "clear", "--version", "3", env=ire_env)
     assert bad.returncode == 2 and "needs a problem" in bad.stderr
+
+
+def test_the_console_drops_only_run_reports_of_engine_named_failures() -> None:
+    import logging
+
+    from engine.core import JobFailedError, SpecError, TransientError
+    from engine.observe.logs import EngineFailureFilter
+
+    def report(logger: str, error: BaseException) -> logging.LogRecord:
+        try:
+            raise error
+        except BaseException:
+            exc_info = sys.exc_info()
+        return logging.LogRecord(logger, logging.ERROR, __file__, 1, "Encountered exception", (), exc_info)
+
+    console = EngineFailureFilter()
+    assert not console.filter(report("prefect.flow_runs", JobFailedError("cycle 1: 8 of 8 failed")))
+    assert not console.filter(report("prefect.task_runs", SpecError("unknown problem")))
+    assert console.filter(report("prefect.flow_runs", TransientError("lost a worker")))  # traceback kept
+    assert console.filter(report("prefect.flow_runs", ZeroDivisionError("a bug")))
+    assert console.filter(report("irefine", JobFailedError("not a run logger")))

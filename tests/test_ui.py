@@ -11,6 +11,7 @@ Screenshots are kept under ``test-artifacts/``.
 from __future__ import annotations
 
 import html
+import json
 import re
 import shutil
 import subprocess
@@ -132,3 +133,40 @@ def test_the_ui_shows_progress_cycle_table_and_plot_of_a_finished_job(
     print(f"screenshot: {summary_shot}")
     assert orange_pixels(summary_shot) > 300, "the convergence plot is not drawn in the summary page"
     assert orange_pixels(run_shot) < 50  # a control: the colour is the plot's, not the UI's
+
+
+@pytest.mark.timeout(900)
+def test_a_run_on_the_local_server_prints_an_address_that_opens_it_in_the_ui(ire_env, tmp_path: Path) -> None:
+    """What the README's first command does: `irefine server start`, then `irefine run`, whose
+    printed address opens the job's flow run, cycle tasks and artifacts in the UI."""
+    from flows.artifacts import artifact_keys
+    from tests.prefect_server import free_port
+    from tests.test_cli import irefine
+
+    env = {k: v for k, v in ire_env.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    started = irefine("server", "start", "--port", str(free_port()), env=env, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        status = irefine("server", "status", "--json", env=env)
+        server = json.loads(status.stdout)
+        assert status.returncode == 0 and server["healthy"], status.stdout
+
+        job_id = f"ui-local-{uuid.uuid4().hex[:8]}"
+        run = irefine("run", "--problem", "sphere", "--problem-param", "dim=3", "--strategy", "cmaes",
+                      "--batch-size", "6", "--max-evaluations", "60", "--seed", "2", "--job-id", job_id,
+                      env=env, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        addresses = re.findall(r"Prefect UI: (\S+)", run.stdout)
+        assert len(addresses) == 1 and addresses[0].startswith(server["ui_url"] + "/runs/flow-run/")
+        assert f"irefine status {job_id}" in run.stdout and "irefine top" in run.stdout
+
+        page = page_text(rendered(addresses[0], "propose-1", "evaluate-1", "record-1"))
+        assert "refine" in page and "Completed" in page and f"[job {job_id} cycle 1]" in page
+        keys = artifact_keys(job_id)
+        flow_run_id = addresses[0].rsplit("/", 1)[1]
+        artifacts_tab = f"{server['ui_url']}/v2/runs/flow-run/{flow_run_id}?tab=Artifacts"
+        rendered(artifacts_tab, keys.progress, keys.cycles, keys.summary)
+    finally:
+        stopped = irefine("server", "stop", env=env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout

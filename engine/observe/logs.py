@@ -5,7 +5,8 @@ the flow binds its run id. Those live in context variables, so a line logged any
 loop's thread (or a Prefect task run, which copies the context) knows them without being told.
 :class:`JsonLogFormatter` writes a line as one JSON object; :class:`RunContextFormatter` prefixes
 the message with ``[job J cycle C]`` for destinations whose records have fixed fields (Prefect's
-run logs in the API). :func:`use_json_logs` switches this process's console lines to JSON.
+run logs in the API). :func:`use_json_logs` switches this process's console lines to JSON, and
+:func:`hide_engine_failures_on_console` keeps a run's engine-named failure off them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from typing import Any
 
 import orjson
 
+from engine.core import EngineError, TransientError
+
 __all__ = [
     "JsonLogFormatter",
     "RunContextFormatter",
+    "EngineFailureFilter",
     "bind_log_context",
+    "hide_engine_failures_on_console",
     "record_context",
     "set_log_cycle",
     "use_json_logs",
@@ -155,5 +160,41 @@ def use_json_logs() -> Callable[[], None]:
             logger.addHandler(console)
         if added is not None:
             root.removeHandler(added)
+
+    return undo
+
+
+_RUN_LOGGER_NAMES = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class EngineFailureFilter(logging.Filter):
+    """Drops a run logger's report of an error the engine raised on purpose (a job over its
+    failure share, a user's mistake): its message already says why, and whoever runs the job
+    prints that once. Retryable errors and every other exception pass, traceback and all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or not record.name.startswith(_RUN_LOGGER_NAMES):
+            return True
+        error = record.exc_info[1]
+        return not isinstance(error, EngineError) or isinstance(error, TransientError)
+
+
+def hide_engine_failures_on_console() -> Callable[[], None]:
+    """Add :class:`EngineFailureFilter` to every console handler of this process (the run log sent
+    to the API keeps the report and its traceback); returns the undo. Idempotent."""
+    loggers = [
+        logging.getLogger(),
+        *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger)),
+    ]
+    added: list[tuple[logging.Handler, EngineFailureFilter]] = []
+    for logger in loggers:
+        for handler in logger.handlers:
+            if _is_console(handler) and not any(isinstance(f, EngineFailureFilter) for f in handler.filters):
+                added.append((handler, EngineFailureFilter()))
+                handler.addFilter(added[-1][1])
+
+    def undo() -> None:
+        for handler, failure_filter in added:
+            handler.removeFilter(failure_filter)
 
     return undo

@@ -1,0 +1,151 @@
+"""``irefine server start | stop | status`` and the Prefect API ``irefine run`` picks, as a user runs
+them: CLI subprocesses, a real ``prefect server start`` on SQLite, real runs kept on it."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from irefine.server import KEEP_RUNS_HINT, ApiChoice, api_for_run
+from tests.prefect_server import free_port
+from tests.test_cli import irefine
+
+SMALL_JOB = ["--problem", "sphere", "--problem-param", "dim=3", "--strategy", "random",
+             "--batch-size", "4", "--max-cycles", "2", "--executor", "local"]  # fmt: skip
+
+
+@pytest.fixture
+def server_env(ire_env: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment with no Prefect API set: what a user has after a fresh clone."""
+    env = {k: v for k, v in ire_env.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    env["PREFECT_HOME"] = str(Path(env["IRE_HOME"]).parent / "prefect-home")
+    return env
+
+
+def status(env: dict[str, str]) -> tuple[int, dict]:
+    out = irefine("server", "status", "--json", env=env)
+    return out.returncode, json.loads(out.stdout)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_start_keep_runs_status_stop(server_env: dict[str, str]) -> None:
+    port = free_port()
+    started = irefine("server", "start", "--port", str(port), env=server_env, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        code, running = status(server_env)
+        assert code == 0 and running["healthy"] and running["api_url"] == f"http://127.0.0.1:{port}/api"
+        server_processes = [psutil.Process(running["pid"])]
+        server_processes += server_processes[0].children(recursive=True)
+        assert (Path(server_env["IRE_HOME"]) / "server" / "prefect" / "prefect.db").exists()
+        again = irefine("server", "start", env=server_env)  # idempotent: the same server
+        assert again.returncode == 0 and "running at" in again.stdout
+        assert status(server_env)[1]["pid"] == running["pid"]
+        text = irefine("server", "status", env=server_env).stdout
+        assert f"http://127.0.0.1:{port}" in text and str(running["pid"]) in text and "health: ok" in text
+
+        run = irefine("run", *SMALL_JOB, "--job-id", "kept", env=server_env, timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert KEEP_RUNS_HINT not in run.stderr and "Traceback" not in run.stdout + run.stderr
+        link = rf"Prefect UI: http://127\.0\.0\.1:{port}/runs/flow-run/([0-9a-f-]{{36}})"
+        ids = re.findall(link, run.stdout)
+        assert len(ids) == 1, run.stdout
+        assert "irefine status kept" in run.stdout and "irefine top" in run.stdout
+        flow_run = httpx.get(f"{running['api_url']}/flow_runs/{ids[0]}", timeout=10).json()
+        assert flow_run["state"]["type"] == "COMPLETED" and flow_run["parameters"]["job_id"] == "kept"
+    finally:
+        stopped = irefine("server", "stop", env=server_env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert not [p for p in server_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    code, after = status(server_env)
+    assert code == 1 and not after["running"]
+    with socket.socket() as probe:  # the port is free again (closed connections may linger)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+    assert "no local Prefect server" in irefine("server", "stop", env=server_env).stdout
+
+
+def test_a_port_in_use_is_bad_input_and_starts_nothing(server_env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = irefine("server", "start", "--port", str(port), env=server_env)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "choose another --port" in out.stderr
+    assert not (Path(server_env["IRE_HOME"]) / "server" / "server.json").exists()
+    code, after = status(server_env)
+    assert code == 1 and not after["running"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_without_a_server_a_run_uses_a_temporary_api_and_says_how_to_keep_runs(
+    server_env: dict[str, str],
+) -> None:
+    before = {p.pid for p in psutil.process_iter()}
+    # A fresh PREFECT_HOME: the temporary API first creates and migrates its database.
+    env = {**server_env, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
+    run = irefine("run", *SMALL_JOB, "--job-id", "temporary", env=env, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stderr.count(KEEP_RUNS_HINT) == 1 and "irefine server start" in KEEP_RUNS_HINT
+    assert "Prefect UI:" not in run.stdout and "irefine status temporary" in run.stdout
+    assert "Traceback" not in run.stdout + run.stderr and "completed" in run.stdout
+    uvicorn = [sys.executable, "-m", "uvicorn"]
+    leftovers = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline", "environ"])
+        if p.pid not in before
+        and (p.info["cmdline"] or [])[:3] == uvicorn
+        and (p.info["environ"] or {}).get("IRE_HOME") == env["IRE_HOME"]  # this run's, not another's
+    ]
+    assert not leftovers  # the temporary API stopped with the run
+
+
+def test_the_api_choice_follows_the_environment_the_profile_then_the_local_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IRE_HOME", str(tmp_path / "ire"))
+    env = {"PREFECT_API_URL": "http://127.0.0.1:1/api", "PREFECT_HOME": str(tmp_path / "prefect")}
+    assert api_for_run(env) == ApiChoice("environment", "http://127.0.0.1:1/api")
+    (tmp_path / "prefect").mkdir()
+    (tmp_path / "prefect" / "profiles.toml").write_text(
+        'active = "mine"\n[profiles.mine]\nPREFECT_API_URL = "http://127.0.0.1:2/api"\n'
+    )
+    env = {"PREFECT_HOME": str(tmp_path / "prefect")}
+    assert api_for_run(env) == ApiChoice("environment", "http://127.0.0.1:2/api")
+    assert "PREFECT_API_URL" not in env  # Prefect reads the profile itself
+
+
+def test_server_commands_have_help(server_env: dict[str, str]) -> None:
+    for command in (["server"], ["server", "start"], ["server", "stop"], ["server", "status"]):
+        out = irefine(*command, "--help", env=server_env)
+        assert out.returncode == 0 and "usage: irefine server" in out.stdout
+
+
+def test_a_recorded_server_that_is_gone_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stale record (the machine rebooted) is ignored: the run falls back to a temporary API."""
+    home = tmp_path / "ire"
+    (home / "server").mkdir(parents=True)
+    port = free_port()
+    record = {"pid": 999_999, "port": port, "api_url": f"http://127.0.0.1:{port}/api", "started_at": "x"}
+    (home / "server" / "server.json").write_text(json.dumps(record))
+    monkeypatch.setenv("IRE_HOME", str(home))
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PATH": "/usr/bin"}
+    choice = api_for_run(env)
+    try:
+        assert choice.source == "temporary" and choice.api_url != record["api_url"]
+        assert env["PREFECT_API_URL"] == choice.api_url and isinstance(choice.process, subprocess.Popen)
+    finally:
+        choice.close()
+    assert choice.process is None
