@@ -95,8 +95,9 @@ def signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def group_alive(pgid: int) -> bool:
-    """True while any process of group ``pgid`` runs."""
+def group_size(pgid: int) -> int:
+    """How many live processes group ``pgid`` has."""
+    count = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -105,8 +106,13 @@ def group_alive(pgid: int) -> bool:
         except (OSError, IndexError):
             continue
         if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+            count += 1
+    return count
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of group ``pgid`` runs."""
+    return group_size(pgid) > 0
 
 
 def stop_group(pid: int, timeout: float = 15.0) -> None:
