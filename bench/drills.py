@@ -39,20 +39,29 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated drill names (default: all): " + ", ".join(DRILLS))
     parser.add_argument("--jobs", type=int, default=4, help="jobs per drill, over the four queues")
     parser.add_argument("--cycles", type=int, default=16, help="cycles per job")
+    parser.add_argument(
+        "--dir", type=Path, help="use the running cluster of this folder (left running) instead of a new one"
+    )
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(DRILLS)
     unknown = [n for n in names if n not in DRILLS]
     if unknown:
         parser.error(f"--only: unknown drills {unknown}; known: {', '.join(DRILLS)}")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    folder = Path(tempfile.mkdtemp(prefix="ire-drills-", dir="/tmp"))
-    folder.chmod(0o755)  # PostgreSQL runs as its own user and must reach its data folder
-    cluster = Cluster(folder / "cluster", log=log)
+    if args.dir:
+        cluster = Cluster(args.dir, log=log)
+        if not cluster.state.get("ports"):
+            parser.error(f"--dir {args.dir}: no cluster there")
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="ire-drills-", dir="/tmp"))
+        folder.chmod(0o755)  # PostgreSQL runs as its own user and must reach its data folder
+        cluster = Cluster(folder / "cluster", log=log)
     figures: dict[str, object] = {}
-    up_seconds = None
+    up_seconds = cluster.state.get("up_seconds")
     try:
-        up_seconds = cluster.up(balancer_port=0, job_limit=args.jobs)
-        log(f"cluster up in {up_seconds:.1f} s")
+        if not args.dir:
+            up_seconds = cluster.up(balancer_port=0, job_limit=args.jobs)
+            log(f"cluster up in {up_seconds:.1f} s")
         for name in names:
             log(f"drill {name}")
             try:
@@ -63,10 +72,11 @@ def main() -> None:
                 figures[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             log(f"{name}: {json.dumps(figures[name])}")
     finally:
-        cluster.down()
-        left = cluster.leftovers()
-        if left:
-            log(f"processes left after down: {left}")
+        if not args.dir:
+            cluster.down()
+            left = cluster.leftovers()
+            if left:
+                log(f"processes left after down: {left}")
     print(json.dumps({"bench": "drills", "cluster_up_s": up_seconds, "drills": figures}))
 
 

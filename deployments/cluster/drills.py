@@ -22,21 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from deployments.cluster.procs import stop_group, wait_until
-from deployments.cluster.topology import NODES, ROOT, STORE_DATABASE, ZONE_B, Cluster
+from deployments.cluster.topology import NODES, STORE_DATABASE, ZONE_B, Cluster
 
 QUEUES = ("critical", "high", "normal", "low")
 PROBLEM = "tests.problems_for_tests:Slow"
@@ -109,13 +105,13 @@ class Probe(threading.Thread):
         self.ok = self.failed = 0
         self.latencies: list[float] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import httpx
 
         with httpx.Client(timeout=10) as client:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 start = time.monotonic()
                 try:
                     response = client.post(f"{self.api_url}/flow_runs/count", json={})
@@ -125,31 +121,39 @@ class Probe(threading.Thread):
                 except httpx.HTTPError as exc:
                     self.failed += 1
                     self.failures.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}"[:200])
-                self._stop.wait(self.interval)
+                self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(15)
 
 
-def submit(cluster: Cluster, plan: JobPlan, folder: Path) -> tuple[bool, float, str]:
-    """``irefine submit`` of one plan through the balancer: (accepted, seconds, output)."""
-    spec_file = folder / f"{plan.job_id}.toml"
-    lines = [f"{k} = {json.dumps(v)}" for k, v in plan.spec.items() if not isinstance(v, dict)]
-    lines += ["[problem_params]"] + [f"{k} = {json.dumps(v)}" for k, v in plan.spec["problem_params"].items()]
-    spec_file.write_text("\n".join(lines) + "\n")
-    env = {
-        **os.environ,
-        **cluster.client_env(),
-        "PREFECT_HOME": str(cluster.folder / "prefect-home" / "client"),
-    }
-    start = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "irefine", "submit", str(spec_file), "--priority", plan.queue,
-         "--job-id", plan.job_id, "--json"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    return done.returncode == 0, time.monotonic() - start, (done.stdout + done.stderr)[-500:]
+def submit_all(cluster: Cluster, plans: Sequence[JobPlan]) -> list[tuple[bool, float, str]]:
+    """Submit every plan at once through the balancer with what ``irefine submit`` calls
+    (:func:`irefine.submit.submit_job`); per plan (accepted, seconds, error)."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from engine.core import JobSpec
+    from irefine.submit import submit_job
+
+    async def one(client: Any, plan: JobPlan) -> tuple[bool, float, str]:
+        start = time.monotonic()
+        try:
+            spec = JobSpec.parse(plan.spec)
+            await submit_job(client, spec, job_id=plan.job_id, urgency=plan.queue)  # type: ignore[arg-type]
+        except Exception as exc:
+            return False, time.monotonic() - start, f"{type(exc).__name__}: {exc}"[:300]
+        return True, time.monotonic() - start, ""
+
+    async def go() -> list[tuple[bool, float, str]]:
+        async with get_client() as client:
+            return list(await asyncio.gather(*(one(client, plan) for plan in plans)))
+
+    with temporary_settings(updates={PREFECT_API_URL: cluster.api_url}):
+        return asyncio.run(go())
 
 
 @dataclass
@@ -239,16 +243,7 @@ def run_drill(
     offsets = _log_sizes(cluster)
     failed_submissions = 0
     try:
-        with tempfile.TemporaryDirectory() as folder:
-            results: list[tuple[bool, float, str]] = []
-            threads = [
-                threading.Thread(target=lambda p=p: results.append(submit(cluster, p, Path(folder))))
-                for p in plans
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+        results = submit_all(cluster, plans)
         failed_submissions = sum(1 for ok, _, _ in results if not ok)
         for ok, _, out in results:
             if not ok:

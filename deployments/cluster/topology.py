@@ -25,8 +25,10 @@ from deployments.cluster.procs import (
     ClusterError,
     alive,
     free_port,
+    group_alive,
     port_open,
     reap,
+    signal_group,
     spawn,
     stop_group,
     tail,
@@ -45,6 +47,7 @@ STORE_DATABASE = "irefine"
 API_START_TIMEOUT = 90.0
 PART_TIMEOUT = 60.0
 SETTLE_SECONDS = 5.0
+STOP_SECONDS = 15.0
 
 # Every server setting whose default lives in one process's memory (notes/prefect-3.9-facts.md
 # section 10; checked against prefect 3.9.1's settings: these six are all the in-memory ones).
@@ -538,18 +541,27 @@ class Cluster:
     # -- down -------------------------------------------------------------------------------------
 
     def down(self) -> list[str]:
-        """Stop every part, newest first; the names of the parts that were running."""
+        """Stop every part; the names of the parts that were running.
+
+        The nodes go first (SIGTERM: their flow runs end with them), then every other process
+        group at once, SIGKILL for what is left after :data:`STOP_SECONDS`, and PostgreSQL last.
+        """
         stopped: list[str] = []
         order = [*NODES, "dask", *SERVICES, "balancer", *API_REPLICAS, "redis"]
-        dask_children = list(self.dask_state().get("pids", {}).values())
-        for name in order:
-            pid = self.pids.get(name)
-            if pid and alive(pid):
-                stopped.append(name)
-            if pid:
-                stop_group(pid, timeout=20)
-        for pid in dask_children:
-            stop_group(pid, timeout=5)
+        groups = {name: self.pids[name] for name in order if self.pids.get(name)}
+        groups.update({f"{n} (dask)": int(p) for n, p in self.dask_state().get("pids", {}).items()})
+        stopped = [name for name, pid in groups.items() if alive(pid) and "(dask)" not in name]
+        for name in NODES:
+            if name in groups:
+                stop_group(groups.pop(name), timeout=STOP_SECONDS)
+        for pid in groups.values():
+            signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        while time.monotonic() < deadline and any(group_alive(pid) for pid in groups.values()):
+            reap()
+            time.sleep(0.2)
+        for pid in groups.values():
+            stop_group(pid, timeout=1)
         for name in ("postgres-b", "postgres-a"):
             if name in self.ports:
                 node = self.pg(name)
