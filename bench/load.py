@@ -130,9 +130,7 @@ def run_load(cluster: Any, args: argparse.Namespace) -> dict[str, Any]:
     log(f"submitting {args.jobs} jobs ({mix}); api-a is killed when half are in")
     with temporary_settings(updates={PREFECT_API_URL: cluster.api_url}):
         submitted, latencies, failures, submit_seconds = asyncio.run(_submit(cluster, config, args.jobs))
-        log(
-            f"{len(submitted)} accepted in {submit_seconds:.1f} s, {len(failures)} failed; waiting for runs"
-        )
+        log(f"{len(submitted)} accepted in {submit_seconds:.1f} s, {len(failures)} failed; waiting for runs")
         t0 = time.monotonic()
         try:
             asyncio.run(_wait_until_ended([s.flow_run_id for s in submitted], args.timeout))
