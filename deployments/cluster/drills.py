@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.cluster.procs import stop_group, wait_until
-from deployments.cluster.topology import NODES, STORE_DATABASE, ZONE_B, Cluster
+from deployments.cluster.topology import NODES, PREFECT_DATABASE, STORE_DATABASE, ZONE_B, Cluster
 
 QUEUES = ("critical", "high", "normal", "low")
+_FINAL_FOR_GOOD = {"FAILED", "CANCELLED", "COMPLETED"}
 PROBLEM = "tests.problems_for_tests:Slow"
 
 
@@ -162,21 +163,38 @@ class StoreView:
 
     cluster: Cluster
     engine: Any = field(init=False)
+    prefect_engine: Any = field(init=False)
 
     def __post_init__(self) -> None:
         from sqlalchemy import create_engine
 
         self.engine = create_engine(self.cluster.database_url(STORE_DATABASE), pool_pre_ping=True)
+        self.prefect_engine = create_engine(self.cluster.database_url(PREFECT_DATABASE), pool_pre_ping=True)
 
     def jobs(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         from sqlalchemy import text
 
         with contextlib.suppress(Exception), self.engine.connect() as conn:
             rows = conn.execute(
-                text("SELECT id, status, cycles, best_score, best_candidate FROM jobs WHERE id = ANY(:ids)"),
+                text(
+                    "SELECT id, status, cycles, best_score, best_candidate, flow_run_id FROM jobs "
+                    "WHERE id = ANY(:ids)"
+                ),
                 {"ids": list(job_ids)},
             ).mappings()
             return {row["id"]: dict(row) for row in rows}
+        return {}
+
+    def flow_run_states(self, flow_run_ids: Sequence[str]) -> dict[str, str]:
+        """Each flow run's state type, from Prefect's database (on the same PostgreSQL)."""
+        from sqlalchemy import text
+
+        with contextlib.suppress(Exception), self.prefect_engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id::text AS id, state_type FROM flow_run WHERE id::text = ANY(:ids)"),
+                {"ids": list(flow_run_ids)},
+            ).mappings()
+            return {row["id"]: str(row["state_type"]).rsplit(".", 1)[-1] for row in rows}
         return {}
 
     def cycles(self, job_ids: Sequence[str]) -> list[dict[str, Any]]:
@@ -194,6 +212,7 @@ class StoreView:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.prefect_engine.dispose()
 
 
 def _log_sizes(cluster: Cluster) -> dict[str, int]:
@@ -265,9 +284,16 @@ def run_drill(
         fault_end = time.time()
 
         def ended() -> bool:
+            # A job whose run failed may still come back: a run left Running by a dead flow
+            # process is marked Crashed after 90 s without heartbeat and resumed. Settled: the
+            # job completed, or its flow run ended for good (Failed, Cancelled, Completed).
             found = store.jobs(ids)
-            return len(found) == len(ids) and all(
-                j["status"] in ("completed", "failed") for j in found.values()
+            if len(found) < len(ids):
+                return False
+            states = store.flow_run_states([j["flow_run_id"] for j in found.values() if j["flow_run_id"]])
+            return all(
+                j["status"] == "completed" or states.get(str(j["flow_run_id"])) in _FINAL_FOR_GOOD
+                for j in found.values()
             )
 
         with contextlib.suppress(Exception):
