@@ -20,7 +20,8 @@ import pytest
 from deployments.cluster import Cluster
 from deployments.cluster.drills import DRILLS, Fault, _redis_down, run_drill
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+# The module fixture brings a whole cluster up (2-4 min on a loaded 2-core machine) in the first test.
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 DRILL_JOBS = 2
