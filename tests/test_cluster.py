@@ -96,6 +96,12 @@ def test_drill_api_replica_kill(cluster: Cluster) -> None:
     assert cluster.health("api-a") == "ok"  # repaired for the next drill
 
 
+def test_drill_lost_node(cluster: Cluster) -> None:
+    figures = run_drill(cluster, "node_loss", DRILLS["node_loss"], jobs=DRILL_JOBS, cycles=DRILL_CYCLES)
+    _assert_drill(figures, recovery_limit=150)
+    assert cluster.health("node-a") == "ok" and cluster.health("node-b") == "ok"
+
+
 def test_drill_redis_stop(cluster: Cluster) -> None:
     # 10 s down instead of the benchmark's 30 s: the same path (AOF reload, clients reconnect).
     # While Redis is down the API answers 500 to lease calls (lease storage is in Redis); a flow
@@ -104,12 +110,6 @@ def test_drill_redis_stop(cluster: Cluster) -> None:
     fault = Fault(_redis_down(10.0))
     figures = run_drill(cluster, "redis_stop", fault, jobs=DRILL_JOBS, cycles=DRILL_CYCLES)
     _assert_drill(figures, recovery_limit=150)
-
-
-def test_drill_lost_node(cluster: Cluster) -> None:
-    figures = run_drill(cluster, "node_loss", DRILLS["node_loss"], jobs=DRILL_JOBS, cycles=DRILL_CYCLES)
-    _assert_drill(figures, recovery_limit=150)
-    assert cluster.health("node-a") == "ok" and cluster.health("node-b") == "ok"
 
 
 def test_run_stuck_in_pending_is_rescheduled(cluster: Cluster) -> None:

@@ -426,6 +426,10 @@ class Cluster:
             return "down"
         if name == "redis":
             return "ok" if self._redis_ping() else "no PING"
+        if name in SERVICES and self._redis_ping() and not self._triggers_consumers():
+            # Prefect's ReactiveTriggers task dies with a Redis outage and is never restarted:
+            # automations then never fire. Restart the services processes (after Redis is back).
+            return "no triggers consumer"
         if name in API_REPLICAS or name == "balancer":
             import httpx
 
@@ -450,6 +454,21 @@ class Cluster:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
         return False
+
+    def _triggers_consumers(self) -> int:
+        """Consumers of the automation triggers' group on Prefect's ``events`` stream in Redis."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.ports["redis"], socket_timeout=2)
+        try:
+            groups = client.xinfo_groups("events")
+        except redis.RedisError:
+            return 0
+        finally:
+            client.close()
+        return sum(
+            int(g["consumers"]) for g in groups if g["name"] in (b"reactive-triggers", "reactive-triggers")
+        )
 
     def _dask_workers(self) -> int:
         """Workers the scheduler knows, from the supervisor's worker logs (no client import)."""
