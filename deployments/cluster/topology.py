@@ -48,6 +48,7 @@ API_START_TIMEOUT = 180.0  # a replica took 83 s on this 2-core machine at load 
 PART_TIMEOUT = 60.0
 SETTLE_SECONDS = 5.0
 STOP_SECONDS = 15.0
+CONSUMER_IDLE_MS = 180_000
 
 # Every server setting whose default lives in one process's memory (notes/prefect-3.9-facts.md
 # section 10; checked against prefect 3.9.1's settings: these six are all the in-memory ones).
@@ -456,19 +457,18 @@ class Cluster:
         return False
 
     def _triggers_consumers(self) -> int:
-        """Consumers of the automation triggers' group on Prefect's ``events`` stream in Redis."""
+        """Live consumers of the automation triggers' group on Prefect's ``events`` stream in Redis."""
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=self.ports["redis"], socket_timeout=2)
         try:
-            groups = client.xinfo_groups("events")
+            consumers = client.xinfo_consumers("events", "reactive-triggers")
         except redis.RedisError:
             return 0
         finally:
             client.close()
-        return sum(
-            int(g["consumers"]) for g in groups if g["name"] in (b"reactive-triggers", "reactive-triggers")
-        )
+        # A dead consumer stays listed; a live one reads every few seconds (heartbeat events).
+        return sum(1 for c in consumers if int(c["idle"]) < CONSUMER_IDLE_MS)
 
     def _dask_workers(self) -> int:
         """Workers the scheduler knows, from the supervisor's worker logs (no client import)."""
