@@ -97,6 +97,12 @@ class PgNode:
             pg_bindir() / "initdb", "-D", self.data, "-U", self.superuser, "--auth=trust",
             "--encoding=UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
+        # In the configuration file, not only on the command line: pg_rewind reads wal_log_hints
+        # from pg_control, which the single-user recovery run before it rewrites.
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(
+                "\n# irefine cluster\nwal_log_hints = on\nwal_keep_size = 256MB\nhot_standby_feedback = on\n"
+            )
 
     def init_replica(self, primary: PgNode) -> None:
         """A base backup of ``primary`` that streams from it through a replication slot."""
@@ -190,7 +196,16 @@ class PgNode:
         # pg_rewind needs a cleanly shut down target: a crashed one is first run to the end of
         # recovery in single-user mode.
         with contextlib.suppress(ClusterError):
-            self._run(pg_bindir() / "postgres", "--single", "-D", self.data, "postgres", timeout=60)
+            self._run(
+                pg_bindir() / "postgres",
+                "--single",
+                "-D",
+                self.data,
+                "-c",
+                "wal_log_hints=on",
+                "postgres",
+                timeout=60,
+            )
         self._run(
             pg_bindir() / "pg_rewind", "--target-pgdata", self.data,
             "--source-server", f"host=127.0.0.1 port={primary.port} user={primary.superuser} dbname=postgres",
