@@ -203,10 +203,11 @@ class Cluster:
             # block_type's unique slug and one of them exits.
             self.start_part("api-b", wait=False)
             self.start_part("balancer")
-            for name in ("redis", *SERVICES):
-                self.wait_healthy(name)
+            self.wait_healthy("redis")
             self._setup_project(job_limit)
             self._wait_api("api-b")
+            for name in SERVICES:
+                self.wait_healthy(name)
             self.wait_healthy("dask")
             for name in NODES:
                 self.start_part(name, wait=False)
@@ -356,7 +357,7 @@ class Cluster:
 
     def wait_healthy(self, name: str, timeout: float = PART_TIMEOUT) -> float:
         """Wait until part ``name`` reports ``ok``; the seconds it took."""
-        if name in API_REPLICAS:
+        if name in API_REPLICAS or name in SERVICES:  # both import all of Prefect's server first
             timeout = max(timeout, API_START_TIMEOUT)
 
         def failure() -> str:
