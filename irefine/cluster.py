@@ -61,6 +61,10 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         raise BadInput(f"--job-limit {args.job_limit}: give at least 1")
     cluster = _cluster(args)
     try:
+        cluster.check_folder()
+    except ClusterError as exc:
+        raise BadInput(f"--dir {cluster.folder}: {exc}") from None
+    try:
         seconds = cluster.up(balancer_port=args.port, job_limit=args.job_limit)
     except ClusterError as exc:
         print(f"irefine: error: cluster up failed: {exc}")

@@ -74,6 +74,16 @@ def _assert_drill(figures: dict[str, Any], recovery_limit: float) -> None:
     assert figures["recovery_s"] is not None and figures["recovery_s"] <= recovery_limit, figures
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as another user only when we are root")
+def test_up_refuses_a_folder_postgres_cannot_reach(tmp_path: Path) -> None:
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)
+    done = _cli("--dir", str(hidden / "cluster"), "up", "--port", "0")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "not searchable" in done.stderr and "--dir" in done.stderr
+    assert not (hidden / "cluster").exists()  # nothing written
+
+
 def test_status_reports_every_part(cluster: Cluster) -> None:
     done = _cli("--dir", str(cluster.folder), "status", "--json")
     assert done.returncode == 0, done.stdout + done.stderr

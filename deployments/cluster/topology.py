@@ -31,6 +31,7 @@ from deployments.cluster.procs import (
     signal_group,
     spawn,
     stop_group,
+    system_user,
     tail,
     wait_until,
 )
@@ -170,6 +171,17 @@ class Cluster:
 
     # -- up ---------------------------------------------------------------------------------------
 
+    def check_folder(self) -> None:
+        """:class:`ClusterError` if PostgreSQL (run as its own user when we are root) could not
+        reach the cluster folder."""
+        if system_user():
+            for parent in self.folder.parents:
+                if parent.exists() and not parent.stat().st_mode & 0o001:
+                    raise ClusterError(
+                        f"{parent} is not searchable by the user PostgreSQL runs as: "
+                        "pass --dir under a world-searchable folder such as /tmp"
+                    )
+
     def up(self, balancer_port: int = 4200, job_limit: int = 4) -> float:
         """Start every part in order, waiting on each one's health; the seconds it took.
 
@@ -178,6 +190,7 @@ class Cluster:
         """
         if self.state.get("pids") and any(alive(p) for p in self.pids.values()):
             raise ClusterError(f"a cluster already runs from {self.folder}: `irefine cluster down` first")
+        self.check_folder()
         if self.folder.exists():
             shutil.rmtree(self.folder)
         start = time.monotonic()
