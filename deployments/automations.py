@@ -21,6 +21,12 @@ monitoring reports an anomaly.
   reporting it. ``irefine-resume-crashed-job`` then resumes it like any crashed run. A hung
   process that wakes up later cannot write over the resumed job: the store refuses a cycle that is
   already committed.
+- ``irefine-reschedule-stuck-pending``: a deployment run of ``refine`` still Pending
+  ``pending_timeout`` after a worker claimed it (the worker died between claiming the run and
+  starting its process: Prefect leaves it Pending for ever, upstream #18933) is set back to
+  Scheduled (``AwaitingRetry``, forced: the server refuses Pending -> Scheduled otherwise), and a
+  live worker takes it. A worker that was only slow and starts it after all cannot run the job
+  twice: the store refuses a cycle that is already committed.
 - ``irefine-pause-queue-on-failures``: ``failure_burst`` failed or crashed ``refine`` runs on one
   work queue within ``failure_window`` pause that queue (inferred from the last run's work queue;
   one count per queue) and notify. Resume it with ``prefect work-queue resume QUEUE --pool POOL``.
@@ -62,6 +68,7 @@ FLOW_NAME = "refine"
 NOTIFY_BLOCK = "irefine-notify"
 RESUME_CRASHED = "irefine-resume-crashed-job"
 CRASH_SILENT = "irefine-crash-silent-runs"
+STUCK_PENDING = "irefine-reschedule-stuck-pending"
 PAUSE_ON_FAILURES = "irefine-pause-queue-on-failures"
 DEADLINE_ALERT = "irefine-deadline-missed"
 ANOMALY_ALERT = "irefine-anomaly"
@@ -110,6 +117,7 @@ class AutomationPolicy:
     failure_window: timedelta = timedelta(minutes=10)
     crash_settle: timedelta = timedelta(seconds=20)
     heartbeat_timeout: timedelta = timedelta(seconds=90)
+    pending_timeout: timedelta = timedelta(seconds=90)
 
     def __post_init__(self) -> None:
         if self.max_crash_resumes < 1:
@@ -121,6 +129,10 @@ class AutomationPolicy:
         if self.heartbeat_timeout < timedelta(seconds=10):
             raise ValueError(
                 f"heartbeat_timeout must be at least 10 s (a Proactive trigger), not {self.heartbeat_timeout}"
+            )
+        if self.pending_timeout < timedelta(seconds=10):
+            raise ValueError(
+                f"pending_timeout must be at least 10 s (a Proactive trigger), not {self.pending_timeout}"
             )
         if self.crash_settle < timedelta(seconds=10):
             raise ValueError(
@@ -215,6 +227,36 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
                     message=(
                         f"no heartbeat for {policy.heartbeat_timeout.total_seconds():g} s: marked "
                         f"Crashed by the {CRASH_SILENT} automation"
+                    ),
+                ),
+            ],
+        ),
+        AutomationCore(
+            name=STUCK_PENDING,
+            description=(
+                f"A deployment run of {FLOW_NAME} still Pending {policy.pending_timeout.total_seconds():g} s "
+                "after a worker claimed it is rescheduled: its worker died before starting it (setup)."
+            ),
+            trigger=EventTrigger(
+                after={"prefect.flow-run.Pending"},
+                expect={
+                    f"prefect.flow-run.{state}" for state in (*_MOVED_ON, "Crashed") if state != "Pending"
+                },
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related=[_refine_flow(), {"prefect.resource.role": "deployment"}],
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=policy.pending_timeout,
+            ),
+            actions=[
+                ChangeFlowRunState(
+                    state=StateType.SCHEDULED,
+                    name="AwaitingRetry",
+                    force=True,
+                    message=(
+                        f"Pending for {policy.pending_timeout.total_seconds():g} s without starting: "
+                        f"rescheduled by the {STUCK_PENDING} automation"
                     ),
                 ),
             ],
@@ -376,6 +418,7 @@ async def ensure_automations(
             f"{policy.crash_settle.total_seconds():g} s after the crash"
         ),
         CRASH_SILENT: f"Running without a heartbeat for {policy.heartbeat_timeout.total_seconds():g} s",
+        STUCK_PENDING: f"Pending for {policy.pending_timeout.total_seconds():g} s without starting",
         PAUSE_ON_FAILURES: (
             f"{policy.failure_burst} failed or crashed runs of a queue within "
             f"{policy.failure_window.total_seconds():g} s pause it"

@@ -623,6 +623,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_server_parser(sub)
 
+    from irefine.cluster import add_parser as add_cluster_parser
+
+    add_cluster_parser(sub)
+
     sub.add_parser("problems", help="list the built-in problems").set_defaults(func=cmd_problems)
     sub.add_parser("strategies", help="list the search strategies").set_defaults(func=cmd_strategies)
     return parser

@@ -2,7 +2,7 @@
 # Set up the project on a fresh Debian machine with Python >= 3.11: system packages, a virtualenv
 # in .venv, and the project with its dev extras. Idempotent; safe to run again.
 #   scripts/setup.sh             what a demo job needs (no services)
-#   scripts/setup.sh --services  also Redis and PostgreSQL server binaries and Chromium, for the test suite
+#   scripts/setup.sh --services  also Redis, PostgreSQL server binaries, HAProxy and Chromium, for the test suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +18,7 @@ if [ "$services" = 1 ]; then
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/test_ui.py renders the Prefect UI
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)  # irefine cluster's balancer
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"

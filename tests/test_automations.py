@@ -29,12 +29,13 @@ from deployments.automations import (
     NOTIFY_BLOCK,
     PAUSE_ON_FAILURES,
     RESUME_CRASHED,
+    STUCK_PENDING,
     AutomationPolicy,
     automation_specs,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-AUTOMATIONS = (RESUME_CRASHED, CRASH_SILENT, PAUSE_ON_FAILURES, DEADLINE_ALERT, ANOMALY_ALERT)
+AUTOMATIONS = (RESUME_CRASHED, CRASH_SILENT, STUCK_PENDING, PAUSE_ON_FAILURES, DEADLINE_ALERT, ANOMALY_ALERT)
 SLOW = "tests.problems_for_tests:Slow"
 
 
@@ -161,6 +162,7 @@ def test_automations_read_back(setup_twice: list[Any]) -> None:
     assert actions == {
         RESUME_CRASHED: ["change-flow-run-state", "send-notification"],
         CRASH_SILENT: ["change-flow-run-state"],
+        STUCK_PENDING: ["change-flow-run-state"],
         PAUSE_ON_FAILURES: ["pause-work-queue", "send-notification"],
         DEADLINE_ALERT: ["send-notification"],
         ANOMALY_ALERT: ["send-notification"],
