@@ -247,6 +247,7 @@ def test_dask_block_kubernetes_without_dask_kubernetes_says_what_to_install(
 
 
 def test_dask_block_kubernetes_cluster_spec() -> None:
+    # tests/test_aks_dask.py validates the whole spec against the operator's CRD.
     block = DaskClusterBlock(
         kind="kubernetes",
         kubernetes=KubernetesClusterSpec(
@@ -257,14 +258,13 @@ def test_dask_block_kubernetes_cluster_spec() -> None:
         adapt_minimum=2,
         adapt_maximum=10,
     )
-    assert block.kubernetes_cluster_kwargs() == {
-        "name": "irefine-{uuid}",
-        "namespace": "ire",
-        "image": "registry/irefine:1",
-        "resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-        "worker_command": ["dask", "worker", "--nthreads", "2", "--memory-limit", "3GiB"],
-        "n_workers": 2,
-    }
+    spec = block.kubernetes_cluster_spec()
+    assert spec["metadata"]["name"].startswith("irefine-") and spec["metadata"]["namespace"] == "ire"
+    (worker,) = spec["spec"]["worker"]["spec"]["containers"]
+    assert worker["image"] == "registry/irefine:1"
+    assert worker["resources"] == {"requests": {"memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+    assert worker["args"][:6] == ["dask", "worker", "--nthreads", "2", "--memory-limit", "3GiB"]
+    assert spec["spec"]["worker"]["replicas"] == 2
     assert KubernetesClusterSpec(image="x").resources() is None
 
 
