@@ -631,3 +631,21 @@ def test_prefect_yaml_dockerfile_and_job_template_agree() -> None:
     for resource in rendered("aks"):
         if resource["kind"] in ("Deployment", "Job"):
             assert pod_spec(resource)["securityContext"]["runAsUser"] == uid, resource["metadata"]["name"]
+
+
+def test_every_command_the_manifests_run_in_the_image_is_installed() -> None:
+    """Commands of the irefine image's containers are console scripts of the locked packages."""
+    commands = set()
+    for resource in rendered("aks"):
+        if resource["kind"] in ("Deployment", "Job"):
+            containers = pod_spec(resource)["containers"]
+        elif resource["kind"] == "DaskCluster":
+            containers = [
+                c for role in ("scheduler", "worker") for c in resource["spec"][role]["spec"]["containers"]
+            ]
+        else:
+            continue
+        commands |= {(c.get("command") or c["args"])[0] for c in containers if "irefine" in c["image"]}
+    assert commands == {"prefect", "irefine", "dask"}
+    for command in commands:
+        assert (VENV_BIN / command).exists(), command
