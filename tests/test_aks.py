@@ -649,3 +649,57 @@ def test_every_command_the_manifests_run_in_the_image_is_installed() -> None:
     assert commands == {"prefect", "irefine", "dask"}
     for command in commands:
         assert (VENV_BIN / command).exists(), command
+
+
+def test_ha_settings_are_read_by_prefect_and_prefect_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names are the ones Prefect 3.9 and prefect-redis read: each lands in its setting."""
+    from prefect.settings import Settings
+    from prefect_redis.client import RedisMessagingSettings
+
+    from deployments.ha_settings import ha_server_settings
+
+    url = "rediss://:key@cache.example:10000/0"
+    for key, value in ha_server_settings(url).items():
+        monkeypatch.setenv(key, value)
+    server = Settings().server
+    assert (server.events.messaging_broker, server.events.messaging_cache) == ("prefect_redis.messaging",) * 2
+    assert server.events.causal_ordering == "prefect_redis.ordering"
+    assert server.concurrency.lease_storage == "prefect_redis.lease_storage"
+    assert server.worker_channel.cleanup_queue_storage == "prefect_redis.cleanup_queue"
+    assert server.docket.url == url and RedisMessagingSettings().url == url
+
+
+# -- the runbook -----------------------------------------------------------------------------------
+
+# What docs/aks.md may run: the project's own commands and documented CLIs.
+RUNBOOK_PROGRAMS = {"az", "terraform", "kubectl", "helm", "irefine", "prefect", "export", ".venv/bin/python"}
+
+
+def runbook_commands() -> list[list[str]]:
+    """The commands of docs/aks.md's bash blocks, continuation lines joined, split like a shell."""
+    import shlex
+
+    text = (REPO / "docs/aks.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    return [shlex.split(line.split(" #")[0]) for line in lines]
+
+
+def test_runbook_runs_only_shipped_or_documented_commands() -> None:
+    commands = runbook_commands()
+    assert len(commands) >= 20
+    assert {c[0] for c in commands} <= RUNBOOK_PROGRAMS
+    from irefine.cli import make_parser
+
+    parser = make_parser()
+    for command in commands:
+        if command[0] == "irefine":  # our own commands must parse as written
+            args = [a if not a.startswith("<") else "x" for a in command[1:]]
+            parser.parse_args(args)
+        if command[0] == ".venv/bin/python":
+            assert (REPO / command[1]).exists()
+        if command[0] == "kubectl" and "-k" in command:
+            assert (REPO / command[command.index("-k") + 1]).is_dir()
+        if command[0] == "kubectl" and ("job/" in " ".join(command) or "deployment/" in " ".join(command)):
+            kind, name = next(a for a in command if "/" in a and not a.startswith("--")).split("/")
+            find("aks", kind.capitalize(), name)
