@@ -703,3 +703,40 @@ def test_runbook_runs_only_shipped_or_documented_commands() -> None:
         if command[0] == "kubectl" and ("job/" in " ".join(command) or "deployment/" in " ".join(command)):
             kind, name = next(a for a in command if "/" in a and not a.startswith("--")).split("/")
             find("aks", kind.capitalize(), name)
+
+
+@pytest.mark.parametrize("queue", ["critical", "low"])
+def test_the_worker_renders_a_strictly_valid_job_for_each_queue_profile(queue: str) -> None:
+    """prefect-kubernetes' own rendering of the pool template with a queue's job variables (as
+    `irefine submit` sets them) gives a Job that Kubernetes accepts as is, on the profile's pool.
+    The template names no block or variable, so its client (to a closed port) is never called."""
+    import asyncio
+    import uuid
+
+    import kubernetes_validate
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from deployments.setup import aks_job_variables
+    from tests.prefect_server import free_port
+
+    template = json.loads((REPO / "deployments/aks/base-job-template.json").read_text())
+    variables = {**aks_job_variables(queue), "image": "irefineacr.azurecr.io/irefine:0.1.0"}
+
+    async def render() -> dict[str, Any]:
+        client = PrefectClient(api=f"http://127.0.0.1:{free_port()}/api")
+        config = await KubernetesWorkerJobConfiguration.from_template_and_values(
+            template, variables, client=client
+        )
+        config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="calm-otter"))
+        return config.job_manifest
+
+    job = asyncio.run(render())
+    kubernetes_validate.validate(job, AKS_KUBERNETES_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == aks_job_variables(queue)["node_selector"]
+    assert pod["serviceAccountName"] == "irefine-flow"
+    assert job["spec"]["template"]["metadata"]["labels"]["irefine/role"] == "flow"
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["memory"] == aks_job_variables(queue)["memory_limit"]
