@@ -220,7 +220,9 @@ class DaskClusterBlock(Block):
             "spec": {"cluster": cluster_name, "minimum": self.adapt_minimum, "maximum": self.adapt_maximum},
         }
 
-    def kubernetes_cluster(self, *, asynchronous: bool = False) -> Any:
+    def kubernetes_cluster(
+        self, *, asynchronous: bool = False, cluster_spec: dict[str, Any] | None = None
+    ) -> Any:
         """A ``dask_kubernetes.operator.KubeCluster`` for :meth:`kubernetes_cluster_spec`, deleted
         when closed. Synchronous: creates the DaskCluster and waits for its scheduler (needs the
         Kubernetes API and the operator). Asynchronous (call it inside a running event loop):
@@ -233,7 +235,7 @@ class DaskClusterBlock(Block):
 
             loop = IOLoop.current()
         return KubeCluster(
-            custom_cluster_spec=self.kubernetes_cluster_spec(),
+            custom_cluster_spec=cluster_spec or self.kubernetes_cluster_spec(),
             namespace=spec.namespace,
             shutdown_on_close=True,
             asynchronous=asynchronous,
@@ -286,12 +288,17 @@ class DaskClusterBlock(Block):
             from distributed import LocalCluster
 
             return LocalCluster(**self.local_cluster_kwargs())  # type: ignore[no-untyped-call]
-        _kube_cluster_class()  # a missing dask-kubernetes fails here, before the spec is built
+        KubeCluster = _kube_cluster_class()  # a missing dask-kubernetes fails here, first
         import httpx
 
+        spec = self.kubernetes_cluster_spec()
         try:
-            return self.kubernetes_cluster()
+            return self.kubernetes_cluster(cluster_spec=spec)
         except (OSError, TimeoutError, httpx.HTTPError) as exc:
+            # KubeCluster registered itself for closing at exit: a cluster that never started has
+            # nothing to close, and closing it then would fail again (at exit, noisily).
+            for failed in [c for c in KubeCluster._instances if c.name == spec["metadata"]["name"]]:
+                KubeCluster._instances.discard(failed)
             reason = " ".join(str(exc).split())
             raise TransientError(
                 f"cannot start a Dask cluster on Kubernetes (check the cluster's API, the Dask operator and "

@@ -175,6 +175,7 @@ def validate_against_crd(resource: dict[str, Any]) -> None:
 CUSTOM_KINDS = {"DaskCluster", "DaskAutoscaler", "SecretProviderClass"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_passes_strict_kubernetes_validation(overlay: str) -> None:
     import kubernetes_validate
