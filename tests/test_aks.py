@@ -738,6 +738,8 @@ def test_the_worker_renders_a_strictly_valid_job_for_each_queue_profile(queue: s
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == aks_job_variables(queue)["node_selector"]
     assert pod["serviceAccountName"] == "irefine-flow"
-    assert job["spec"]["template"]["metadata"]["labels"]["irefine/role"] == "flow"
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["irefine/role"] == "flow"  # the NetworkPolicies' name for flow pods
+    assert labels["azure.workload.identity/use"] == "true"  # Azure tokens for Blob results
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["memory"] == aks_job_variables(queue)["memory_limit"]

@@ -205,6 +205,10 @@ def test_dask_block_round_trip_keeps_the_kubernetes_spec(prefect_api: str) -> No
 
 
 def test_dask_block_unreachable_address_raises_a_transient_error() -> None:
+    # distributed's defaults must be loaded before dask.config.set: leaving the block deletes the
+    # keys it found missing, and it would delete the whole 'distributed' section for later tests.
+    import distributed  # noqa: F401
+
     block = DaskClusterBlock(kind="address", address=f"tcp://127.0.0.1:{free_port()}")
     with (
         dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
