@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from prefect.blocks.core import Block
@@ -18,6 +21,8 @@ ClusterKind = Literal["address", "local", "kubernetes"]
 
 # A Kubernetes resource quantity: "500m", "2", "0.5", "512Mi", "4Gi", "1e3".
 _QUANTITY = re.compile(r"^\d+(\.\d+)?([eE]\d+|m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+# A DaskCluster name: an RFC 1123 label short enough for "<name>-scheduler" (dask-kubernetes' rule).
+_CLUSTER_NAME = re.compile(r"^(?=.{1,53}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 class KubernetesClusterSpec(BaseModel):
@@ -34,6 +39,28 @@ class KubernetesClusterSpec(BaseModel):
     cpu_limit: str | None = Field(None, description="CPU limit per pod")
     memory_request: str | None = Field(None, description="memory request per pod, e.g. '2Gi'")
     memory_limit: str | None = Field(None, description="memory limit per pod (Dask workers read it)")
+    idle_timeout: int = Field(
+        600,
+        ge=0,
+        description="seconds without a client or tasks after which the operator deletes the cluster "
+        "(so a crashed flow leaves none behind); 0: never",
+    )
+    node_profile: str | None = Field(
+        None, description="node pool of the pods: the label irefine/profile, e.g. 'small' or 'large'"
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="extra environment of scheduler and workers"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _cluster_name(cls, value: str) -> str:
+        if not _CLUSTER_NAME.match(value.replace("{uuid}", "0" * 10)):
+            raise ValueError(
+                f"{value!r} is not a DaskCluster name: use lowercase letters, digits and '-', at most "
+                "53 characters ('{uuid}' counts 10), e.g. 'irefine-{uuid}'"
+            )
+        return value
 
     @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit")
     @classmethod
@@ -137,25 +164,105 @@ class DaskClusterBlock(Block):
 
         return worker_memory_limit(self.memory_limit, n_workers)
 
-    def kubernetes_cluster_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of the ``dask_kubernetes.operator.KubeCluster`` that kind 'kubernetes' starts."""
+    def kubernetes_cluster_spec(self) -> dict[str, Any]:
+        """The ``DaskCluster`` resource of kind 'kubernetes', made by dask-kubernetes'
+        ``make_cluster_spec`` (a fresh name per call when the name holds '{uuid}')."""
+        from dask_kubernetes.operator import make_cluster_spec
+        from dask_kubernetes.operator.validation import validate_cluster_name
+
+        spec = self._kubernetes()
+        name = spec.name.replace("{uuid}", uuid.uuid4().hex[:10])
+        validate_cluster_name(name)
+        worker_command = ["dask", "worker", "--nthreads", str(self.threads_per_worker)]
+        if self.memory_limit is not None:
+            worker_command += ["--memory-limit", self.memory_limit]
+        n = self.n_workers if self.n_workers is not None else self.adapt_minimum
+        cluster: dict[str, Any] = make_cluster_spec(
+            name=name,
+            image=spec.image,
+            n_workers=n if n is not None else 1,
+            resources=spec.resources(),
+            env=spec.env or None,
+            worker_command=worker_command,
+            idle_timeout=spec.idle_timeout,
+        )
+        cluster["metadata"]["labels"] = {"app.kubernetes.io/part-of": "irefine"}
+        if spec.namespace is not None:
+            cluster["metadata"]["namespace"] = spec.namespace
+        for role in ("scheduler", "worker"):
+            pod = cluster["spec"][role]["spec"]
+            # The namespace enforces Pod Security "restricted" (deployments/k8s): the image's user.
+            pod["securityContext"] = {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,
+                "runAsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            }
+            for container in pod["containers"]:
+                container["securityContext"] = {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                }
+                if container.get("env") is None:
+                    del container["env"]  # the CRD allows a list, not null
+                if container.get("resources") is None:
+                    del container["resources"]
+            if spec.node_profile is not None:
+                pod["nodeSelector"] = {"irefine/profile": spec.node_profile}
+        # make_cluster_spec starts the scheduler as `dask-scheduler`, which distributed no longer
+        # installs: the image has the `dask` command only.
+        scheduler = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+        scheduler["args"] = ["dask", "scheduler", "--host", "0.0.0.0", *scheduler["args"][3:]]
+        return cluster
+
+    def kubernetes_autoscaler_spec(self, cluster_name: str) -> dict[str, Any] | None:
+        """The ``DaskAutoscaler`` that ``adapt()`` makes for an adaptive cluster, or None."""
+        if not self.adaptive:
+            return None
+        return {
+            "apiVersion": "kubernetes.dask.org/v1",
+            "kind": "DaskAutoscaler",
+            "metadata": {"name": cluster_name},
+            "spec": {"cluster": cluster_name, "minimum": self.adapt_minimum, "maximum": self.adapt_maximum},
+        }
+
+    def kubernetes_cluster(
+        self, *, asynchronous: bool = False, cluster_spec: dict[str, Any] | None = None
+    ) -> Any:
+        """A ``dask_kubernetes.operator.KubeCluster`` for :meth:`kubernetes_cluster_spec`, deleted
+        when closed. Synchronous: creates the DaskCluster and waits for its scheduler (needs the
+        Kubernetes API and the operator). Asynchronous (call it inside a running event loop):
+        nothing is created until ``await cluster`` or ``async with cluster``."""
+        KubeCluster = _kube_cluster_class()
+        spec = self._kubernetes()
+        loop = None
+        if asynchronous:
+            from tornado.ioloop import IOLoop
+
+            loop = IOLoop.current()
+        return KubeCluster(
+            custom_cluster_spec=cluster_spec or self.kubernetes_cluster_spec(),
+            namespace=spec.namespace,
+            shutdown_on_close=True,
+            asynchronous=asynchronous,
+            loop=loop,
+            quiet=True,
+        )
+
+    def _kubernetes(self) -> KubernetesClusterSpec:
         if self.kubernetes is None:
             raise SpecError("kind 'kubernetes' needs kubernetes={'image': ...}")
-        spec = self.kubernetes
-        command = ["dask", "worker", "--nthreads", str(self.threads_per_worker)]
-        if self.memory_limit is not None:
-            command += ["--memory-limit", self.memory_limit]
-        kwargs: dict[str, Any] = {
-            "name": spec.name,
-            "namespace": spec.namespace,
-            "image": spec.image,
-            "resources": spec.resources(),
-            "worker_command": command,
-        }
-        n = self.n_workers if self.n_workers is not None else self.adapt_minimum
-        if n is not None:
-            kwargs["n_workers"] = n
-        return kwargs
+        return self.kubernetes
+
+    @contextmanager
+    def executor(self) -> Iterator[DaskExecutor]:
+        """:meth:`get_executor` for a ``with`` block: closing it also deletes a cluster it started
+        (a LocalCluster, or the DaskCluster of kind 'kubernetes')."""
+        executor = self.get_executor()
+        try:
+            yield executor
+        finally:
+            executor.close()
 
     def get_executor(self) -> DaskExecutor:
         """Connect to or start the cluster; the caller closes the executor (and so the cluster)."""
@@ -187,10 +294,29 @@ class DaskClusterBlock(Block):
             from engine.execution.dask import start_local_cluster
 
             return start_local_cluster(**self.local_cluster_kwargs())
+        KubeCluster = _kube_cluster_class()  # a missing dask-kubernetes fails here, first
+        import httpx
+
+        spec = self.kubernetes_cluster_spec()
         try:
-            from dask_kubernetes.operator import KubeCluster
-        except ImportError as exc:
-            raise SpecError(
-                f"kind 'kubernetes' needs dask-kubernetes: pip install dask-kubernetes ({exc})"
-            ) from None
-        return KubeCluster(**self.kubernetes_cluster_kwargs())
+            return self.kubernetes_cluster(cluster_spec=spec)
+        except (OSError, TimeoutError, httpx.HTTPError) as exc:
+            # KubeCluster registered itself for closing at exit: a cluster that never started has
+            # nothing to close, and closing it then would fail again (at exit, noisily).
+            for failed in [c for c in KubeCluster._instances if c.name == spec["metadata"]["name"]]:
+                KubeCluster._instances.discard(failed)
+            reason = " ".join(str(exc).split())
+            raise TransientError(
+                f"cannot start a Dask cluster on Kubernetes (check the cluster's API, the Dask operator and "
+                f"the service account's Role): {type(exc).__name__}: {reason}"
+            ) from exc
+
+
+def _kube_cluster_class() -> Any:
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError as exc:
+        raise SpecError(
+            f"kind 'kubernetes' needs dask-kubernetes: pip install dask-kubernetes ({exc})"
+        ) from None
+    return KubeCluster

@@ -19,6 +19,7 @@ if [ "$services" = 1 ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/test_ui.py renders the Prefect UI
   command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)  # irefine cluster's balancer
+  command -v npm >/dev/null 2>&1 || missing+=(npm)  # Azurite, below
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
@@ -37,4 +38,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   echo "$want" > "$stamp"
+fi
+
+# Azurite, the Azure Storage emulator, for tests/test_azure_results.py: kept in .venv, out of git.
+if [ "$services" = 1 ] && [ ! -x .venv/azurite/node_modules/.bin/azurite-blob ]; then
+  echo "setup: installing Azurite into .venv/azurite"
+  npm install --prefix .venv/azurite --no-audit --no-fund --loglevel=error azurite@3 >/dev/null
 fi

@@ -205,6 +205,10 @@ def test_dask_block_round_trip_keeps_the_kubernetes_spec(prefect_api: str) -> No
 
 
 def test_dask_block_unreachable_address_raises_a_transient_error() -> None:
+    # distributed's defaults must be loaded before dask.config.set: leaving the block deletes the
+    # keys it found missing, and it would delete the whole 'distributed' section for later tests.
+    import distributed  # noqa: F401
+
     block = DaskClusterBlock(kind="address", address=f"tcp://127.0.0.1:{free_port()}")
     with (
         dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
@@ -247,6 +251,7 @@ def test_dask_block_kubernetes_without_dask_kubernetes_says_what_to_install(
 
 
 def test_dask_block_kubernetes_cluster_spec() -> None:
+    # tests/test_aks_dask.py validates the whole spec against the operator's CRD.
     block = DaskClusterBlock(
         kind="kubernetes",
         kubernetes=KubernetesClusterSpec(
@@ -257,14 +262,13 @@ def test_dask_block_kubernetes_cluster_spec() -> None:
         adapt_minimum=2,
         adapt_maximum=10,
     )
-    assert block.kubernetes_cluster_kwargs() == {
-        "name": "irefine-{uuid}",
-        "namespace": "ire",
-        "image": "registry/irefine:1",
-        "resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-        "worker_command": ["dask", "worker", "--nthreads", "2", "--memory-limit", "3GiB"],
-        "n_workers": 2,
-    }
+    spec = block.kubernetes_cluster_spec()
+    assert spec["metadata"]["name"].startswith("irefine-") and spec["metadata"]["namespace"] == "ire"
+    (worker,) = spec["spec"]["worker"]["spec"]["containers"]
+    assert worker["image"] == "registry/irefine:1"
+    assert worker["resources"] == {"requests": {"memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+    assert worker["args"][:6] == ["dask", "worker", "--nthreads", "2", "--memory-limit", "3GiB"]
+    assert spec["spec"]["worker"]["replicas"] == 2
     assert KubernetesClusterSpec(image="x").resources() is None
 
 

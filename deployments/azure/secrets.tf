@@ -1,0 +1,4 @@
+resource "random_password" "postgres" {
+  length  = 32
+  special = false
+}
