@@ -277,9 +277,9 @@ def test_weighted_line_matches_the_old_sums() -> None:
     ids=["regression-trend", "stall-floor"],
 )
 def test_fit_trend_finds_the_old_optimum_or_a_better_one(settings: dict) -> None:
-    """The floor search (half-decade grid, then two finer grids, each in one numpy pass, instead
-    of 6 golden-section steps) maximises the same profile likelihood: it reaches the old search's
-    maximum within 1e-3 (relative; the finer grid finds a higher one now and then), and its line
+    """The floor search (half-decade grid in one numpy pass, then scipy's bounded Brent
+    instead of 6 golden-section steps) maximises the same profile likelihood: it reaches the old search's
+    maximum within 1e-3 (relative; Brent finds a higher one now and then), and its line
     at its floor is the old least squares' at that floor."""
     rng = random.Random(5)
     compared = 0

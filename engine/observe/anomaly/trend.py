@@ -6,14 +6,15 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import optimize
 
 from engine.observe.anomaly.stats import MAD_TO_SIGMA
 
-_REFINE_POINTS = (41, 21)  # grids between the best step's neighbours: steps of 0.025, then 0.0025 decades
+_REFINE_OPTIONS = {"xatol": 0.005}  # decades: how closely the search pins the floor between grid steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +69,9 @@ def scored_trend(
     off is the line with ``r = 0``). The floor is profiled -- the line and the noise fitted by
     least squares for each candidate, the likelihood ``-n/2 log(RSS/n) - sum log(loss - f)``
     counting the Jacobian of the log -- over floors ``unit * 10**g`` under ``below`` (at most the
-    lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades, refined on finer
-    grids between the best one's neighbours (all candidates of a grid in one numpy pass: cheaper
-    than a sequential golden-section or Brent search). With ``trim``, losses more than
+    lowest loss), ``g`` from ``decades[0]`` to ``decades[1]`` in half decades (all in one numpy
+    pass), refined by scipy's bounded Brent search between the best one's neighbours. With
+    ``trim``, losses more than
     that many robust deviations above the line (the odd bad batch) are left out of it. With
     ``half_life``, each loss weighs ``0.5 ** (age / half_life)`` (age from the last point's cycle)
     in the line, its noise and the likelihood: a local fit that follows a bend. None when
@@ -91,16 +92,43 @@ def scored_trend(
     likelihood, i, lines = most_likely(grid)
     if likelihood == -math.inf:
         return None
-    # Refined between the best step's neighbours, twice, on a finer grid each time.
+    # Refined between the best step's neighbours by scipy's bounded Brent search.
     best = (likelihood, lines.trend(i))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    for points_between in _REFINE_POINTS:
-        gs = np.linspace(lo, hi, points_between)
-        likelihood, j, lines = most_likely(gs)
-        if likelihood > best[0]:
-            best = (likelihood, lines.trend(j))
-        lo, hi = gs[max(j - 1, 0)], gs[min(j + 1, len(gs) - 1)]
+    cost = _likelihood_of_one(ts, weights, losses, below, unit) if trim is None else None
+
+    def negative_likelihood(g: float) -> float:
+        return cost(g) if cost is not None else -most_likely(np.array([g]))[0]
+
+    refined = optimize.minimize_scalar(
+        negative_likelihood, bounds=(lo, hi), method="bounded", options=_REFINE_OPTIONS
+    )
+    likelihood, _, lines = most_likely(np.array([refined.x]))
+    if likelihood > best[0]:
+        best = (likelihood, lines.trend(0))
     return best
+
+
+def _likelihood_of_one(
+    ts: np.ndarray, w: np.ndarray, losses: np.ndarray, below: float, unit: float
+) -> Callable[[float], float]:
+    """The negative profile log-likelihood of one floor ``below - unit * 10**g`` as a function of
+    ``g``, untrimmed: the cycles' sums computed once (the search calls it a dozen times)."""
+    weight = float(w.sum())
+    dt = ts - float(w @ ts) / weight
+    wdt = w * dt / float(w @ (dt * dt))
+
+    def negative_likelihood(g: float) -> float:
+        floor = below - unit * 10.0**g
+        if floor >= below:
+            return math.inf
+        ys = np.log(losses - floor)
+        weighted_sum = float(ys @ w)
+        residuals = ys - weighted_sum / weight - float(ys @ wdt) * dt
+        rss = max(float((residuals * residuals) @ w), 1e-12 * weight)
+        return 0.5 * weight * math.log(rss / weight) + weighted_sum
+
+    return negative_likelihood
 
 
 @dataclass(frozen=True)
