@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from irefine.cli import EXIT_FAILED, EXIT_OK, BadInput
+from irefine.errors import EXIT_FAILED, EXIT_OK, BadInput
 
 
 def add_parser(sub: Any) -> None:

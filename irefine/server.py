@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from irefine.cli import EXIT_FAILED, EXIT_OK, BadInput
+from irefine.errors import EXIT_FAILED, EXIT_OK, BadInput
 
 DEFAULT_PORT = 4200
 START_TIMEOUT_SECONDS = 600.0

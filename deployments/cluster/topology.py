@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deployments.cluster import haproxy
+from deployments.cluster.haproxy import haproxy_binary, render_config, server_states, set_state
 from deployments.cluster.postgres import PgNode
 from deployments.cluster.procs import (
     ClusterError,
@@ -301,11 +301,11 @@ class Cluster:
             config = self.folder / "haproxy.cfg"
             replicas = {n: self.ports[n] for n in API_REPLICAS}
             config.write_text(
-                haproxy.render_config(
+                render_config(
                     self.ports["balancer"], replicas, self.admin_socket, self.folder / "haproxy.pid"
                 )
             )
-            return [haproxy.haproxy_binary(), "-db", "-f", str(config)], None, None
+            return [haproxy_binary(), "-db", "-f", str(config)], None, None
         if name == "dask":
             module = "deployments.cluster.supervisor"
             command = [
@@ -498,7 +498,7 @@ class Cluster:
         parts: list[dict[str, Any]] = []
         states: dict[str, str] = {}
         with contextlib.suppress(ClusterError, OSError, ValueError):
-            states = haproxy.server_states(self.admin_socket)
+            states = server_states(self.admin_socket)
         names = ["postgres-a", "postgres-b", "redis", *API_REPLICAS, "balancer", *SERVICES, "dask"]
         names += ["dask-scheduler", *(f"dask-worker-{n}" for n in range(DASK_WORKERS)), *NODES]
         for name in names:
@@ -537,10 +537,10 @@ class Cluster:
 
     def drain(self, replica: str) -> None:
         """Take ``replica`` out of the balancer: no new requests, open ones finish."""
-        haproxy.set_state(self.admin_socket, replica, "drain")
+        set_state(self.admin_socket, replica, "drain")
 
     def undrain(self, replica: str) -> None:
-        haproxy.set_state(self.admin_socket, replica, "ready")
+        set_state(self.admin_socket, replica, "ready")
 
     def failover(self) -> dict[str, Any]:
         """Fence the primary, promote the replica, rewind the old primary as the new replica.
