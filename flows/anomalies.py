@@ -73,7 +73,7 @@ class AnomalyObserver:
 
 
 def anomaly_observer(job: Job, context: ObserverContext) -> AnomalyObserver:
-    """The observer factory named in ``flows.observers.OBSERVER_FACTORIES``.
+    """The observer factory of ``flows.observer_set.DEFAULT_OBSERVERS``.
 
     On resume the detector is rebuilt from the job's stored cycles, so a stall or a learned
     normal cycle time carries over, and an episode reported before the crash is not reported again.

@@ -122,7 +122,7 @@ def _finite(score: float | None) -> float | None:
 
 
 def artifact_observer(job: Job, context: ObserverContext) -> ArtifactObserver | None:
-    """The observer factory named in ``flows.observers.OBSERVER_FACTORIES``; sits out a run that
+    """The observer factory of ``flows.observer_set.DEFAULT_OBSERVERS``; sits out a run that
     has no Prefect flow run (artifacts hang off one)."""
     if context.flow_run_id is None:
         return None

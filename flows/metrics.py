@@ -105,7 +105,7 @@ class MetricsObserver:
 
 
 def metrics_observer(job: Job, context: ObserverContext) -> MetricsObserver:
-    """The observer factory named in ``flows.observers.OBSERVER_FACTORIES``."""
+    """The observer factory of ``flows.observer_set.DEFAULT_OBSERVERS``."""
     settings = context.settings
     sampler = context.sampler or ResourceSampler()
     metrics: JobMetrics | None = None

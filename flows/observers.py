@@ -1,7 +1,7 @@
 """Observers of a ``refine`` flow run: what watches each cycle besides the job itself.
 
-Each factory named in :data:`OBSERVER_FACTORIES` (``"module:function"``, imported when a run starts)
-is called once per flow run with the job and an
+Each observer factory the flow hands :class:`Observers` (``flows.observer_set.DEFAULT_OBSERVERS``:
+metrics, anomalies, deadline, artifacts) is called once per flow run with the job and an
 :class:`ObserverContext`; it returns an :class:`Observer` (or None to sit this run out). The flow
 calls every observer after each committed cycle, and ``finish`` once when the run ends, however it
 ends. Observers must be quick (they run on the loop's thread) and must never fail the job: the flow
@@ -10,9 +10,8 @@ logs and drops an observer that raises.
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,32 +44,20 @@ class Observer(Protocol):
 
 ObserverFactory = Callable[[Job, ObserverContext], "Observer | None"]
 
-# The observability modules' factories (metrics, anomalies, artifacts), in the order they run.
-OBSERVER_FACTORIES: list[str] = [
-    "flows.metrics:metrics_observer",
-    "flows.anomalies:anomaly_observer",
-    "flows.deadline:deadline_observer",
-    "flows.artifacts:artifact_observer",
-]
-
-
-def load_factory(path: str) -> ObserverFactory:
-    module, _, name = path.partition(":")
-    factory: ObserverFactory = getattr(importlib.import_module(module), name)
-    return factory
-
 
 class Observers:
-    """The observers of one flow run; an observer that raises is logged once and dropped."""
+    """The observers of one flow run, made by ``factories`` in order; an observer that raises is
+    logged once and dropped."""
 
-    def __init__(self, job: Job, context: ObserverContext) -> None:
+    def __init__(self, job: Job, context: ObserverContext, factories: Sequence[ObserverFactory]) -> None:
         self._context = context
         self._observers: list[Observer] = []
-        for factory in OBSERVER_FACTORIES:
+        for factory in factories:
             try:
-                observer = load_factory(factory)(job, context)
+                observer = factory(job, context)
             except Exception:
-                context.logger.exception("observer %s could not start; the job goes on without it", factory)
+                name = getattr(factory, "__name__", repr(factory))
+                context.logger.exception("observer %s could not start; the job goes on without it", name)
                 continue
             if observer is not None:
                 self._observers.append(observer)
