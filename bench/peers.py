@@ -7,14 +7,17 @@ from launch to exit (interpreter start and imports included, as a user would see
 - ``floor``: a plain process pool of 2 evaluating 400 random points, no search at all;
 - ``optuna``: Optuna alone, two processes sharing a journal-file study (TPE, 200 trials each);
 - ``engine``: ``irefine run ... --strategy tpe`` against a running Prefect server (on PostgreSQL),
-  with its own 2-worker LocalCluster and the inference cache off;
+  with its own 2-worker LocalCluster and the inference cache off (cycles pipelined: TPE asks cycle
+  n+1 while cycle n evaluates);
+- ``engine_lock_step`` (with ``--lock-step``): the same with ``ask_ahead=false``, each cycle
+  proposed only after the one before is told, to show what the pipelining buys;
 - ``ray``: Ray Tune with ``OptunaSearch``, only if ``ray[tune]`` is importable (optional column).
 
 Contenders run in turns (floor, optuna, engine, ...) ``--reps`` times; the figures are medians.
 The last line on stdout is one JSON object; progress goes to stderr. From the repository root::
 
     .venv/bin/python bench/peers.py             # 3 repetitions, ~2 minutes
-    .venv/bin/python bench/peers.py --reps 1
+    .venv/bin/python bench/peers.py --reps 1 --lock-step
 """
 
 from __future__ import annotations
@@ -147,13 +150,15 @@ def run_optuna(env: dict[str, str], seed: int, workdir: Path) -> tuple[float, st
     return timed([sys.executable, "-c", OPTUNA_MAIN, str(journal), str(seed), OPTUNA_WORKER], env, "optuna")
 
 
-def run_engine(env: dict[str, str], seed: int) -> tuple[float, str]:
+def run_engine(env: dict[str, str], seed: int, lock_step: bool = False) -> tuple[float, str]:
     cmd = [
         sys.executable, "-m", "irefine", "run", "--problem", "sphere",
         "--problem-param", f"dim={DIM}", "--problem-param", f"cost_ms={COST_MS:g}",
         "--strategy", "tpe", "--batch-size", str(BATCH), "--max-evaluations", str(EVALUATIONS),
         "--seed", str(seed), "--cache", "off", "-q",
     ]  # fmt: skip
+    if lock_step:
+        cmd += ["--strategy-param", "ask_ahead=false"]
     wall, _ = timed(cmd, env, "engine")
     status = subprocess.run(
         [sys.executable, "-m", "irefine", "list", "--json"], cwd=ROOT, env=env, capture_output=True, text=True
@@ -199,11 +204,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each contender (median)")
     parser.add_argument("--seed", type=int, default=1000, help="first seed (repetition i uses seed + i)")
+    parser.add_argument("--lock-step", action="store_true", help="also the engine without pipelined cycles")
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     with_ray = ray_available()
     walls: dict[str, list[float]] = {"floor": [], "optuna": [], "engine": []}
     bests: dict[str, list[str]] = {"floor": [], "optuna": [], "engine": []}
+    if args.lock_step:
+        walls["engine_lock_step"], bests["engine_lock_step"] = [], []
     if with_ray:
         walls["ray"], bests["ray"] = [], []
     with tempfile.TemporaryDirectory(prefix="ire-peers-") as tmp, prefect_server(Path(tmp)) as env:
@@ -218,6 +226,8 @@ def main() -> None:
                     wall, best = run_optuna(env, seed, Path(tmp))
                 elif name == "engine":
                     wall, best = run_engine(env, seed)
+                elif name == "engine_lock_step":
+                    wall, best = run_engine(env, seed, lock_step=True)
                 else:
                     wall, best = run_ray(env, seed)
                 walls[name].append(round(wall, 3))
@@ -232,6 +242,10 @@ def main() -> None:
         "engine_to_optuna": round(median["engine"] / median["optuna"], 3),
         "engine_to_floor": round(median["engine"] / median["floor"], 3),
         "optuna_to_floor": round(median["optuna"] / median["floor"], 3),
+        "engine_lock_step_s": median.get("engine_lock_step"),
+        "pipelined_to_lock_step": (
+            round(median["engine"] / median["engine_lock_step"], 3) if "engine_lock_step" in median else None
+        ),
         "ray_s": median.get("ray"),
         "runs": walls,
         "best": bests,
@@ -245,6 +259,7 @@ def main() -> None:
         },
         "reps": args.reps,
         "machine_cpus": os.cpu_count(),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 1),  # the machine may be shared
     }
     print(json.dumps(report), flush=True)
 
