@@ -147,6 +147,7 @@ def test_checkpoint_holds_the_batch_asked_ahead_and_resume_sends_it(store: JobSt
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three CLI runs with their own Dask clusters: minutes on a busy machine
 def test_tpe_job_killed_with_sigkill_resumes_like_an_uninterrupted_run(
     prefect_api: str, ire_env: dict[str, str], tmp_path: Path
 ) -> None:
