@@ -14,6 +14,9 @@ on stdout is one JSON object; progress goes to stderr. Run from the repository r
     .venv/bin/python bench/overhead.py                 # 3 repetitions, ~12 minutes
     .venv/bin/python bench/overhead.py --quick         # 1 repetition, fewer cycles, ~2 minutes
     .venv/bin/python bench/overhead.py --first-cycle   # only the last two start-up figures
+    .venv/bin/python bench/overhead.py --skip-cases --long --concurrent 8   # long and many jobs, ~20 minutes
+
+``--long`` and ``--concurrent N`` are described in ``bench/overhead_scale.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import overhead_scale  # noqa: E402 - beside this file (bench/ is on sys.path when run as a script)
 
 WORKERS = 2
 PROBLEM = "rosenbrock"
@@ -161,13 +166,19 @@ def stage_clock() -> Iterator[dict[str, float]]:
 
     original_stage = refine_module.prefect_stage
 
-    def prefect_stage(stage: str, cycle: int, fn: Callable[..., Any], *args: Any) -> Any:
-        start = clock()
-        try:
-            return original_stage(stage, cycle, fn, *args)
-        finally:
-            totals[stage] += clock() - start
+    class TimedStages:
+        def __call__(self, stage: str, cycle: int, fn: Callable[..., Any], *args: Any) -> Any:
+            start = clock()
+            try:
+                return original_stage(stage, cycle, fn, *args)
+            finally:
+                totals[stage] += clock() - start
 
+        def submit(self, stage: str, cycle: int, fn: Callable[..., Any], *args: Any) -> Any:
+            # A stage submitted ahead (pipelined cycles) overlaps others: only its body is timed.
+            return original_stage.submit(stage, cycle, fn, *args)
+
+    prefect_stage = TimedStages()
     originals = {name: getattr(runner, name) for name in STAGES}
     refine_module.prefect_stage = prefect_stage  # type: ignore[assignment]
     for name, fn in originals.items():
@@ -494,6 +505,9 @@ def main() -> None:
         action="store_true",
         help="only the start-up figures of `irefine run` with the local server and the temporary API",
     )
+    parser.add_argument("--long", action="store_true", help="also one job of 2,000 cycles: late vs early")
+    parser.add_argument("--concurrent", type=int, metavar="N", help="also N jobs at once on one cluster")
+    parser.add_argument("--skip-cases", action="store_true", help="only --long/--concurrent (no ratios)")
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     if args.first_cycle:
@@ -506,12 +520,26 @@ def main() -> None:
     with services() as (client, address, server_cpu_seconds):
         log(f"Dask scheduler {address}; warming up")
         warm_up(client, address)
-        results = {}
-        for case in CASES:
+        results: dict[str, Any] = {}
+        for case in () if args.skip_cases else CASES:
             cycles = QUICK_CYCLES[case.name] if args.quick else case.cycles
             log(f"case {case.name}: {cycles} cycles of {case.batch}, cost_ms={case.cost_ms:g}, {reps} reps")
             results[case.name] = measure_case(client, case, reps, cycles, address, server_cpu_seconds)
             log(f"case {case.name}: {json.dumps(results[case.name])}")
+        scale: dict[str, Any] = {}
+        if args.long:
+            scale["long"] = overhead_scale.measure_long(client, address, overhead_scale.engine_env())
+            scale["late_to_early_overhead"] = scale["long"]["late_to_early_overhead"]
+            log(f"long: {json.dumps(scale['long'])}")
+        if args.concurrent:
+            scale["concurrent"] = overhead_scale.measure_concurrent(
+                client, address, overhead_scale.engine_env(), args.concurrent, server_cpu_seconds
+            )
+            scale["concurrent_efficiency"] = scale["concurrent"]["concurrent_efficiency"]
+            log(f"concurrent: {json.dumps(scale['concurrent'])}")
+        if args.skip_cases:
+            print(json.dumps({**report, **scale}), flush=True)
+            return
         first = measure_first_cycle(reps, address)
     report.update(
         {
@@ -522,6 +550,7 @@ def main() -> None:
             **first_cycle_report(first),
             "first_cycle_s_existing_dask": first["existing_dask"]["median"],
             **results,
+            **scale,
             "first_cycle": first,
             "server_settings": dict(SERVER_SETTINGS),
             "quick": args.quick,

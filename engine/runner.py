@@ -5,8 +5,10 @@ just calls it; the Prefect flow passes one that runs each stage as a Prefect tas
 every cycle's DAG without the engine knowing about Prefect.
 
 Cycle commits are pipelined: cycle N is written to the store by a background thread while cycle
-N+1 evaluates, with at most one commit in flight. A crash therefore loses at most the cycles not
-yet committed, and resume replays them deterministically from the last checkpoint.
+N+1 evaluates, with at most one commit in flight; and for strategies that ask ahead, cycle N+1 is
+proposed and sent out while cycle N evaluates (``engine/pipeline.py``). A crash therefore loses at
+most the cycles not yet committed, and resume replays them deterministically from the last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -40,15 +42,16 @@ from engine.core import (
     account_cycle,
     fingerprint,
     losses,
-    next_batch_size,
     problem_direction,
     problem_version,
     stop_reason,
 )
 from engine.core.cycle import too_many_failures
+from engine.core.strategy import asks_ahead
 from engine.execution import EvaluatedBatch, Executor, ProblemRef, Writeback
 from engine.observe.anomaly import AnomalyDetector, DetectorConfig
 from engine.observe.logs import bind_log_context, set_log_cycle
+from engine.pipeline import CyclePipeline
 from engine.problems import load_problem, problem_space
 from engine.signing import secret_key, sign_checkpoint, verified_checkpoint
 from engine.store import JobRecord, JobStatus, JobStore
@@ -458,32 +461,33 @@ def run_job(
     restarter = StallRestarter(job, store) if job.spec.restart_on_stall else None
     store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=flow_run_id)
     unbind_log_context = bind_log_context(job_id=job.job_id)
+    # A restart on stall replaces the strategy, which must then have no batch still out.
+    pipeline = CyclePipeline(
+        job,
+        executor,
+        stages=stages,
+        propose=propose,
+        evaluate=evaluate,
+        ahead=asks_ahead(job.strategy) and restarter is None,
+        evaluation_slots=evaluation_slots,
+        on_wait=committer.release,  # write the last cycle while this one evaluates
+    )
+    interrupted = False
     try:
         reason = stop_reason(job.spec, job.progress, job.maximize)
         while reason is None:
-            cycle_no = job.progress.cycles + 1
-            set_log_cycle(cycle_no)
-            started = time.perf_counter()
-            n = next_batch_size(job.spec, job.progress)
-            candidates = stages("propose", cycle_no, propose, job, n)
-            committer.release()  # write the last cycle while this one evaluates
-            slots = (
-                evaluation_slots(executor.shard_count(len(candidates), job.spec.shard_size))
-                if evaluation_slots is not None
-                else nullcontext()
-            )
-            with slots:
-                batch = stages("evaluate", cycle_no, evaluate, job, executor, candidates)
+            evaluated = pipeline.next()
+            set_log_cycle(evaluated.cycle)
             resources = resource_usage() if resource_usage is not None else None
             cycle = stages(
                 "record",
-                cycle_no,
+                evaluated.cycle,
                 record,
                 job,
                 committer,
-                candidates,
-                batch,
-                time.perf_counter() - started,
+                evaluated.candidates,
+                evaluated.batch,
+                time.perf_counter() - evaluated.started,
                 resources,
             )
             for listener in listeners:
@@ -503,6 +507,7 @@ def run_job(
         store.set_status(job.job_id, JobStatus.COMPLETED, stop_reason=reason)
         return JobResult(job.job_id, JobStatus.COMPLETED, job.progress, reason)
     except KeyboardInterrupt:
+        interrupted = True
         _flush_quietly(committer)
         store.set_status(job.job_id, JobStatus.INTERRUPTED, error="interrupted")
         raise
@@ -513,6 +518,7 @@ def run_job(
         store.set_status(job.job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
     finally:
+        pipeline.close(wait=not interrupted)
         committer.close()
         unbind_log_context()
 

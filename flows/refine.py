@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import NotSet, quote
@@ -25,6 +26,7 @@ from engine.execution import Executor
 from engine.execution.transient import is_transient
 from engine.observe.logs import bind_log_context
 from engine.observe.metrics import ResourceProbe
+from engine.pipeline import StageFuture
 from engine.problems import describe_problem
 from engine.runner import CycleListener, Job, open_job
 from engine.services import ExecutorKind, JobServices, services_from_settings
@@ -39,7 +41,15 @@ from flows.observers import ObserverContext, Observers
 from flows.run_context import bind_run_logs, deployment_id, prefix_run_logs, run_job_id
 from flows.secret_key import secret_key_from_block
 
-__all__ = ["InProcessRun", "deployment_id", "describe", "prefect_stage", "refine", "run_refine"]
+__all__ = [
+    "InProcessRun",
+    "PrefectStages",
+    "deployment_id",
+    "describe",
+    "prefect_stage",
+    "refine",
+    "run_refine",
+]
 
 T = TypeVar("T")
 
@@ -125,10 +135,32 @@ def describe(problem: str, params: dict[str, Any], built: Any = None) -> dict[st
     return describe_problem(built)
 
 
-def prefect_stage(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
-    """Run one cycle stage as a tracked Prefect task (arguments quoted: Prefect must not walk them)."""
-    boxed: _Opaque = _stage_tasks[stage](stage, cycle, fn, quote(args))
-    return boxed.value  # type: ignore[no-any-return]  # the stage returns a T
+class _Unboxed:
+    """A submitted stage's Prefect future that hands back the stage's own value."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: PrefectFuture[_Opaque]) -> None:
+        self._future = future
+
+    def result(self) -> Any:
+        return self._future.result().value
+
+
+class PrefectStages:
+    """Runs each cycle stage as a tracked Prefect task (arguments quoted: Prefect must not walk
+    them). ``submit`` starts one on the flow's thread-pool task runner: the pipeline submits each
+    evaluate stage, so cycle n's evaluate and cycle n+1's propose show as parallel branches."""
+
+    def __call__(self, stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
+        boxed: _Opaque = _stage_tasks[stage](stage, cycle, fn, quote(args))
+        return boxed.value  # type: ignore[no-any-return]  # the stage returns a T
+
+    def submit(self, stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> StageFuture[T]:
+        return _Unboxed(_stage_tasks[stage].submit(stage, cycle, fn, quote(args)))
+
+
+prefect_stage = PrefectStages()
 
 
 @contextlib.contextmanager

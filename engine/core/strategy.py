@@ -21,6 +21,12 @@ class Strategy(Protocol):
       an object that behaves exactly as the original would have from that point on. Given the same
       seed, the same sequence of ``ask``/``tell`` calls gives the same candidates.
     - Not thread-safe: one job drives one strategy.
+
+    Asking ahead (optional): a strategy whose ``asks_ahead`` attribute is true also accepts one more
+    ``ask`` before the ``tell`` of the batch asked before it; ``tell`` then completes the oldest
+    batch asked (first in, first out), and ``pending_batches()`` returns the batches asked but not
+    yet told, oldest first, also on a strategy restored from ``state()``. The loop then proposes
+    cycle n+1 while cycle n evaluates (``engine/pipeline.py``).
     """
 
     name: str
@@ -33,3 +39,14 @@ class Strategy(Protocol):
 
     @classmethod
     def from_state(cls, space: Space, state: dict[str, Any]) -> Strategy: ...
+
+
+def asks_ahead(strategy: Strategy) -> bool:
+    """True when ``strategy`` accepts an ``ask`` before the previous batch is told (see above)."""
+    return bool(getattr(strategy, "asks_ahead", False))
+
+
+def pending_batches(strategy: Strategy) -> list[list[Candidate]]:
+    """The batches ``strategy`` has asked for and not yet been told about, oldest first."""
+    read = getattr(strategy, "pending_batches", None)
+    return [list(batch) for batch in read()] if read is not None else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from engine.core import Candidate, Evaluation
@@ -9,7 +10,14 @@ from engine.execution.base import Executor, ProblemRef, Writeback, evaluate_shar
 
 
 class InProcessExecutor:
-    """Evaluates candidates one after another in this process (breakpoints work)."""
+    """Evaluates candidates one after another in this process (breakpoints work).
+
+    Batches sent while another evaluates (the pipeline sends the next cycle early) wait their
+    turn: a problem need not be thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._one_at_a_time = threading.Lock()
 
     @property
     def workers(self) -> int:
@@ -25,7 +33,8 @@ class InProcessExecutor:
         shard_size: int | None = None,
         writeback: Writeback | None = None,
     ) -> list[Evaluation]:
-        return evaluate_shard(ref, candidates, writeback)
+        with self._one_at_a_time:
+            return evaluate_shard(ref, candidates, writeback)
 
     def close(self) -> None:
         return None

@@ -160,7 +160,7 @@ def _make_cmaes(space: Space, seed: int, params: Mapping[str, Any] | None) -> St
 
 
 def _make_tpe(space: Space, seed: int, params: Mapping[str, Any] | None) -> Strategy:
-    p = _Params("tpe", params, ("n_startup_trials", "multivariate", "constant_liar"))
+    p = _Params("tpe", params, ("n_startup_trials", "multivariate", "constant_liar", "ask_ahead"))
     n_startup_trials = p.integer("n_startup_trials", 10, minimum=1)
     assert n_startup_trials is not None
     return TPE(
@@ -169,6 +169,7 @@ def _make_tpe(space: Space, seed: int, params: Mapping[str, Any] | None) -> Stra
         n_startup_trials=n_startup_trials,
         multivariate=p.flag("multivariate", True),
         constant_liar=p.flag("constant_liar", True),
+        ask_ahead=p.flag("ask_ahead", True),
     )
 
 

@@ -11,17 +11,24 @@ lived in; together with the trials in the state this makes a restored strategy c
 
 Failed evaluations (``None`` or non-finite losses) are told as ``TrialState.FAIL``: TPE ignores them.
 
+Asking ahead (``ask_ahead``, default true): one more batch may be asked before the previous one is
+told, so the loop proposes cycle n+1 while cycle n evaluates; the pending batches form a FIFO, and
+with ``constant_liar`` every running trial repels the next asks.
+
 State (JSON-serialisable)::
 
     {"seed": int, "n_startup_trials": int, "multivariate": bool, "constant_liar": bool,
+     "ask_ahead": bool,                                      # absent in old states: true
      "n_asks": int,                                          # ask() calls so far
      "trials": [{"params": {name: value}, "value": float | None}, ...],  # told; None = failed
-     "pending": [{name: value}, ...] | None}                 # asked but not yet told
+     "pending": [{name: value}, ...] | None,                 # asked but not yet told, in order
+     "pending_sizes": [int, ...]}                            # their batches (absent: one batch)
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +84,7 @@ class TPE:
         n_startup_trials: int = 10,
         multivariate: bool = True,
         constant_liar: bool = True,
+        ask_ahead: bool = True,
     ) -> None:
         optuna_ = _import_optuna()
         self._space = space
@@ -84,10 +92,21 @@ class TPE:
         self._n_startup_trials = int(n_startup_trials)
         self._multivariate = bool(multivariate)
         self._constant_liar = bool(constant_liar)
+        self._ask_ahead = bool(ask_ahead)
         self._n_asks = 0
         self._distributions = {name: _distribution(space[name]) for name in space.names}
         self._study: optuna.Study = optuna_.create_study(direction="minimize", sampler=self._sampler())
-        self._pending: list[optuna.trial.Trial | int] | None = None
+        self._pending: deque[list[int]] = deque()  # trial numbers of each batch asked, oldest first
+
+    @property
+    def asks_ahead(self) -> bool:
+        """Whether one more batch may be asked before the previous one is told."""
+        return self._ask_ahead
+
+    def pending_batches(self) -> list[list[Candidate]]:
+        """The batches asked and not yet told, oldest first."""
+        trials = self._study.get_trials(deepcopy=False)
+        return [[self._to_candidate(trials[number].params) for number in batch] for batch in self._pending]
 
     def _sampler(self) -> optuna.samplers.TPESampler:
         from optuna.samplers import TPESampler
@@ -123,31 +142,31 @@ class TPE:
         """Ask optuna for ``n`` trials (running trials repel each other with ``constant_liar``)."""
         if n < 1:
             raise ValueError(f"ask(n) needs n >= 1, got {n}")
-        if self._pending is not None:
-            raise RuntimeError("TPE.ask() called again before tell()")
+        if len(self._pending) >= (2 if self._ask_ahead else 1):
+            raise RuntimeError(f"TPE.ask() called with {len(self._pending)} batches not yet told")
         self._study.sampler = self._sampler()
         self._n_asks += 1
         trials = [self._study.ask(self._distributions) for _ in range(n)]
-        self._pending = list(trials)
+        self._pending.append([t.number for t in trials])
         return [self._to_candidate(t.params) for t in trials]
 
     def tell(self, candidates: Sequence[Candidate], losses: Sequence[float | None]) -> None:
-        """Complete the pending trials with their losses; ``None`` marks a failed trial."""
+        """Complete the oldest pending batch with its losses; ``None`` marks a failed trial."""
         from optuna.trial import TrialState
 
-        if self._pending is None:
+        if not self._pending:
             raise RuntimeError("TPE.tell() called without a pending ask()")
-        if len(candidates) != len(self._pending) or len(losses) != len(self._pending):
+        batch = self._pending[0]
+        if len(candidates) != len(batch) or len(losses) != len(batch):
             raise ValueError(
-                f"tell expects {len(self._pending)} candidates and losses, "
-                f"got {len(candidates)} and {len(losses)}"
+                f"tell expects {len(batch)} candidates and losses, got {len(candidates)} and {len(losses)}"
             )
-        for trial, loss in zip(self._pending, losses, strict=True):
+        for number, loss in zip(batch, losses, strict=True):
             if loss is None or not math.isfinite(loss):
-                self._study.tell(trial, state=TrialState.FAIL)
+                self._study.tell(number, state=TrialState.FAIL)
             else:
-                self._study.tell(trial, float(loss))
-        self._pending = None
+                self._study.tell(number, float(loss))
+        self._pending.popleft()
 
     def state(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: the parameters, the ask count and every trial."""
@@ -167,9 +186,11 @@ class TPE:
             "n_startup_trials": self._n_startup_trials,
             "multivariate": self._multivariate,
             "constant_liar": self._constant_liar,
+            "ask_ahead": self._ask_ahead,
             "n_asks": self._n_asks,
             "trials": trials,
-            "pending": pending if self._pending is not None else None,
+            "pending": pending if self._pending else None,
+            "pending_sizes": [len(batch) for batch in self._pending],
         }
 
     @classmethod
@@ -183,6 +204,7 @@ class TPE:
             n_startup_trials=int(state["n_startup_trials"]),
             multivariate=bool(state["multivariate"]),
             constant_liar=bool(state["constant_liar"]),
+            ask_ahead=bool(state.get("ask_ahead", True)),
         )
         strategy._n_asks = int(state["n_asks"])
         dists = strategy._distributions
@@ -203,5 +225,7 @@ class TPE:
                     state=TrialState.RUNNING, params=strategy._to_params(params), distributions=dists
                 )
                 study.add_trial(trial)
-            strategy._pending = list(range(first, first + len(pending)))
+            for size in state.get("pending_sizes") or [len(pending)]:
+                strategy._pending.append(list(range(first, first + size)))
+                first += size
         return strategy
