@@ -101,8 +101,8 @@ class Job:
 
     def cache_keys(self, candidates: Sequence[Candidate]) -> list[str]:
         """The cache key of each candidate (``key_prefix`` + fingerprint, as ``cache_key`` builds it)."""
-        assert self.cache is not None
-        prefix = key_prefix(self.cache.namespace, self.spec.problem, problem_version(self.problem))
+        assert self.cache_config is not None
+        prefix = key_prefix(self.cache_config.namespace, self.spec.problem, problem_version(self.problem))
         return [prefix + fingerprint(c) for c in candidates]
 
     @property
@@ -306,15 +306,16 @@ def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> E
     (the Dask fan-out happens in there; workers write each result back as it finishes), and
     return one evaluation per candidate with the count of misses. A repeat within the batch is
     paid for once."""
-    if job.cache is None or job.cache_config is None:  # run_job attaches it unless cache = "off"
+    # Read once: with cycles in flight, another cycle's evaluate may turn "auto" caching off meanwhile.
+    cache, config = job.cache, job.cache_config
+    if cache is None or config is None:  # run_job attaches it unless cache = "off"
         return EvaluatedBatch(executor.evaluate(job.ref, candidates, job.spec.shard_size))
     keys = job.cache_keys(candidates)
-    found = job.cache.get_many(keys)
+    found = cache.get_many(keys)
     todo: dict[str, int] = {}
     for i, (key, hit) in enumerate(zip(keys, found, strict=True)):
         if hit is None and key not in todo:
             todo[key] = i
-    config = job.cache_config
 
     def compute(misses: list[str]) -> list[Evaluation]:
         writeback = Writeback(config, tuple(misses), job.spec.cache_ttl_seconds, job.spec.cache_failures)
@@ -324,7 +325,7 @@ def evaluate(job: Job, executor: Executor, candidates: Sequence[Candidate]) -> E
 
     # A miss another job is computing right now is waited for, not computed again.
     shared = evaluate_once(
-        job.cache,
+        cache,
         list(todo),
         compute,
         owner=lease_owner(job.job_id),

@@ -129,7 +129,8 @@ def test_results_are_written_to_blob_storage_and_read_back_by_a_later_run(
                               "batch_size": 4, "max_evaluations": 8})  # fmt: skip
         state = refine(spec=spec, job_id=f"azure-{version}-{index}", executor="local", return_state=True)
         assert state.is_completed()
-        assert state.result()["problem"]["version"] == version
+        report = state.result()  # the flow returns `irefine status --json` as a JobStatusReport
+        assert report.status == "completed" and report.spec["problem_params"]["version"] == version
         return describe_state(state.state_details.flow_run_id)
 
     assert run(0) == "Completed"

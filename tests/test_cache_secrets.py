@@ -114,9 +114,11 @@ def test_a_failing_job_on_dask_never_shows_the_password(
     cache = process_cache(config)
     assert isinstance(cache, RedisCache)
     stats = cache.stats()
-    assert stats.misses == 4 and stats.unavailable == 0, "the cache was not reached with the password"
+    # At least the first batch was looked up (a strategy that asks ahead may have sent a second).
+    assert stats.misses >= 4 and stats.unavailable == 0, "the cache was not reached with the password"
     worker_lines = [str(message) for logs in worker_logs.values() for _, message in logs]
-    assert any("Compute Failed" in line or "cannot be built" in line for line in worker_lines), worker_lines
+    # The worker's failure reached the job as the user's own error (not retried, engine.execution).
+    assert "cannot be built on a Dask worker" in str(failure.value)
     texts = [
         caplog.text,
         *_texts_of(failure.value),

@@ -45,6 +45,10 @@ def cluster() -> Iterator[Cluster]:
     base = Path(tempfile.mkdtemp(prefix="ire-cluster-test-", dir="/tmp"))
     base.chmod(0o755)  # PostgreSQL runs as its own user
     folder = base / "cluster"
+    # The drills' jobs run tests.problems_for_tests through deployment runs: the operator's
+    # allow-list (IRE_PROBLEM_MODULES) must name the module, for `irefine submit` and the nodes.
+    allow = pytest.MonkeyPatch()
+    allow.setenv("IRE_PROBLEM_MODULES", "tests")
     try:
         done = _cli("--dir", str(folder), "up", "--port", "0", timeout=600)
         running = Cluster(folder)
@@ -54,6 +58,7 @@ def cluster() -> Iterator[Cluster]:
     finally:
         Cluster(folder).down()  # also after a timed-out `up`: the parts it started are in its state
         shutil.rmtree(base, ignore_errors=True)
+        allow.undo()
 
 
 # Known defect (drills node_loss, redis_stop_30s on 2026-12-07): in this topology no services

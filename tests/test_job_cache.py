@@ -71,11 +71,12 @@ def test_cache_off_and_auto_off_for_cheap_evaluations(
     run(store, cache, "a", **logged_spec(log), cache="off")
     run(store, cache, "b", **logged_spec(log), cache="off")
     assert len(lines(log)) == 120
-    # sphere evaluates in microseconds: 'auto' stops paying for look-ups after the first cycle.
+    # sphere evaluates in microseconds: 'auto' stops paying for look-ups once the first cycle shows
+    # it. Random search asks ahead, so the second cycle may already be looking up by then.
     spec = {"problem": "sphere", "strategy": "random", "batch_size": 50, "max_evaluations": 200}
     first = run(store, cache, "c1", **spec)
-    assert first.progress.cache_misses == 50
-    assert run(store, cache, "c2", **spec).progress.cached == 50  # the first cycle was cached
+    assert first.progress.cache_misses in (50, 100)
+    assert run(store, cache, "c2", **spec).progress.cached in (50, 100)  # the first cycle was cached
 
 
 def test_repeats_within_a_batch_are_paid_once(store: JobStore, tmp_path: Path) -> None:

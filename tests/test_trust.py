@@ -323,7 +323,10 @@ def test_the_flow_fails_such_a_job_at_once_with_the_users_error(
         {
             "problem": "tests.problems_for_tests:BrokenOnWorker",
             "problem_params": {"counter": str(counter)},
-            "strategy": "random",
+            # Lock-step, so that one cycle is sent out (a strategy that asks ahead sends a second
+            # cycle at once, whose shard would be a first attempt of its own).
+            "strategy": "tpe",
+            "strategy_params": {"ask_ahead": False},
             "batch_size": 4,
             "shard_size": 10,
             "max_cycles": 3,

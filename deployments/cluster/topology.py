@@ -145,7 +145,16 @@ class Cluster:
             "IRE_REDIS_URL": f"{self.redis_url}/1",
             "IRE_DASK_ADDRESS": self.dask_address,
             "IRE_PROJECT_DIR": str(ROOT),
+            # One checkpoint-signing key for every node: a job resumed on another node verifies
+            # what the first one signed (engine.signing). The operator's IRE_SECRET_KEY wins.
+            "IRE_SECRET_KEY": os.environ.get("IRE_SECRET_KEY") or self.secret_key(),
         }
+
+    def secret_key(self) -> str:
+        """The cluster's checkpoint-signing key, kept in its folder (mode 0600, made on first use)."""
+        from engine.signing import key_file_key
+
+        return key_file_key(self.folder).decode()
 
     def _server_env(self, name: str) -> dict[str, str]:
         env = {**SERVER_SETTINGS, **os.environ}
