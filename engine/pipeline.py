@@ -17,18 +17,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from engine.core import Candidate, JobSpec, next_batch_size
+from engine.core import Candidate, JobSpec, Progress, Strategy, next_batch_size
 from engine.core.strategy import pending_batches
 from engine.execution import EvaluatedBatch, Executor
 from engine.observe.logs import set_log_cycle
-
-if TYPE_CHECKING:
-    from engine.runner import EvaluationSlots, Job, StageRunner
 
 log = logging.getLogger("engine.pipeline")
 T = TypeVar("T")
@@ -52,8 +50,26 @@ class StageSubmitter(Protocol):
     def __call__(self, stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> StageFuture[T]: ...
 
 
-ProposeStage = Callable[["Job", int], list[Candidate]]
-EvaluateStage = Callable[["Job", Executor, Sequence[Candidate]], EvaluatedBatch]
+class StageRunner(Protocol):
+    """Runs one stage of a cycle: ``run(stage_name, cycle, fn, *args)`` returns ``fn(*args)``."""
+
+    def __call__(self, stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T: ...
+
+
+EvaluationSlots = Callable[[int], AbstractContextManager[None]]
+"""Holds slots (of a global limit, say) while an evaluate stage fans out into that many shards."""
+
+
+class Job(Protocol):
+    """What the pipeline reads of a job (``engine.runner.Job``): its spec, progress and strategy."""
+
+    spec: JobSpec
+    progress: Progress
+    strategy: Strategy
+
+
+ProposeStage = Callable[..., list[Candidate]]  # (job, n)
+EvaluateStage = Callable[..., EvaluatedBatch]  # (job, executor, candidates)
 
 
 @dataclass

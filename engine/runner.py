@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -51,7 +50,7 @@ from engine.core.strategy import asks_ahead
 from engine.execution import EvaluatedBatch, Executor, ProblemRef, Writeback
 from engine.observe.anomaly import AnomalyDetector, DetectorConfig
 from engine.observe.logs import bind_log_context, set_log_cycle
-from engine.pipeline import CyclePipeline
+from engine.pipeline import CyclePipeline, EvaluationSlots, StageRunner
 from engine.problems import load_problem, problem_space
 from engine.signing import secret_key, sign_checkpoint, verified_checkpoint
 from engine.store import JobRecord, JobStatus, JobStore
@@ -59,12 +58,6 @@ from engine.strategies import make_strategy, restore_strategy
 
 log = logging.getLogger("engine.runner")
 T = TypeVar("T")
-
-
-class StageRunner(Protocol):
-    """Runs one stage of a cycle: ``run(stage_name, cycle, fn, *args)`` returns ``fn(*args)``."""
-
-    def __call__(self, stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T: ...
 
 
 def call_stage(stage: str, cycle: int, fn: Callable[..., T], *args: Any) -> T:
@@ -78,9 +71,6 @@ class CycleListener(Protocol):
 
     def __call__(self, job: Job, record: CycleRecord) -> object: ...
 
-
-EvaluationSlots = Callable[[int], AbstractContextManager[None]]
-"""Holds slots (of a global limit, say) while an evaluate stage fans out into that many shards."""
 
 ResourceReader = Callable[[], ResourceUsage]
 """Reads the CPU and memory in use, once a cycle on the loop's thread (so it must be quick)."""

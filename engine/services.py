@@ -14,13 +14,12 @@ from typing import Literal
 
 from engine.cache import CacheConfig
 from engine.execution import Executor, InProcessExecutor
+from engine.pipeline import EvaluationSlots, StageRunner
 from engine.runner import (
     CycleListener,
-    EvaluationSlots,
     Job,
     JobResult,
     ResourceReader,
-    StageRunner,
     call_stage,
     run_job,
 )

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 from engine.core import SpecError
-from engine.runner import EvaluationSlots
+from engine.pipeline import EvaluationSlots
 
 RUNNING_JOBS_LIMIT = "irefine-running-jobs"
 EVALUATIONS_LIMIT = "irefine-evaluations"
