@@ -211,12 +211,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = build_spec(args)
     settings = _run_settings(args)
-    api_of_this_run()  # a temporary API starts while the engine loads and the job is written
     from engine.runner import build_job, new_job_id
     from engine.store import JobStore
 
-    # Every check before the store is opened: a refused run creates no file and no table.
+    # Every check before anything is written (the store, a temporary API's files): a refused run
+    # creates no file and no table.
     job = build_job(args.job_id or new_job_id(), spec)
+    api_of_this_run()  # a temporary API starts while the job is written and the cluster starts
     store = JobStore.from_settings(settings)
     try:
         store.create_job(job.job_id, spec)
