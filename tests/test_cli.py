@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,6 +216,36 @@ def _wait_for_cycles(
     raise AssertionError(f"job {job_id} did not reach cycle {cycles} in {limit} s")
 
 
+def kill_at_cycle_5_then_resume(
+    ire_env: dict[str, str], run_args: list[str], log: Path
+) -> tuple[dict[str, tuple], int, dict[str, Any], dict[str, Any]]:
+    """Run job ``killed`` with ``run_args``, kill -9 its process group a moment after its fifth
+    committed cycle, check it was left running, resume it, and return the job rows at the kill,
+    the evaluations ``log`` held then, and the status of the jobs ``whole`` and ``killed``."""
+    proc = subprocess.Popen(
+        [*IREFINE, "run", *run_args, "--job-id", "killed"],
+        env=ire_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_cycles(ire_env, "killed", 5, proc, limit=180)
+        time.sleep(0.15)  # into the next cycles: some of their evaluations have finished
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers, no clean-up
+        proc.communicate()
+    rows = {r[0]: r for r in job_rows(ire_env)}
+    assert rows["killed"][1] == "running" and 5 <= rows["killed"][2] < 20
+    done_before = len(log.read_text().splitlines())
+    resumed = irefine("resume", "killed", env=ire_env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    whole = json.loads(irefine("status", "whole", "--json", env=ire_env).stdout)
+    killed = json.loads(irefine("status", "killed", "--json", env=ire_env).stdout)
+    return rows, done_before, whole, killed
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env, tmp_path: Path) -> None:
@@ -228,24 +259,7 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env
     assert full.returncode == 0, full.stdout + full.stderr
 
     log = tmp_path / "killed.log"
-    command = [*IREFINE, "run", *args(log), "--job-id", "killed"]
-    proc = subprocess.Popen(
-        command, env=ire_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        _wait_for_cycles(ire_env, "killed", 5, proc, limit=180)
-        time.sleep(0.15)  # into the next cycle: some of its evaluations have finished
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers, no clean-up
-        proc.communicate()
-    rows = {r[0]: r for r in job_rows(ire_env)}
-    assert rows["killed"][1] == "running" and 5 <= rows["killed"][2] < 20
-    done_before = len(log.read_text().splitlines())
-
-    resumed = irefine("resume", "killed", env=ire_env)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    whole = json.loads(irefine("status", "whole", "--json", env=ire_env).stdout)
-    killed = json.loads(irefine("status", "killed", "--json", env=ire_env).stdout)
+    rows, done_before, whole, killed = kill_at_cycle_5_then_resume(ire_env, args(log), log)
     assert killed["status"] == "completed"
     assert killed["evaluations"] == whole["evaluations"] == 160
     assert killed["best_score"] == whole["best_score"]

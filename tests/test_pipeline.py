@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +18,7 @@ from engine.execution import InProcessExecutor
 from engine.runner import create_job, resume_job, run_job
 from engine.store import JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
-from tests.test_cli import IREFINE, ROOT, _wait_for_cycles, irefine, job_rows
+from tests.test_cli import irefine, kill_at_cycle_5_then_resume
 
 
 @pytest.fixture
@@ -161,28 +158,7 @@ def test_tpe_job_killed_with_sigkill_resumes_like_an_uninterrupted_run(
     assert full.returncode == 0, full.stdout + full.stderr
 
     log = tmp_path / "killed.log"
-    proc = subprocess.Popen(
-        [*IREFINE, "run", *args(log), "--job-id", "killed"],
-        env=ire_env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        _wait_for_cycles(ire_env, "killed", 5, proc, limit=180)
-        time.sleep(0.15)  # into the next cycles: some of their evaluations have finished
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers, no clean-up
-        proc.communicate()
-    rows = {r[0]: r for r in job_rows(ire_env)}
-    assert rows["killed"][1] == "running" and 5 <= rows["killed"][2] < 20
-    done_before = len(log.read_text().splitlines())
-
-    resumed = irefine("resume", "killed", env=ire_env)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    whole = json.loads(irefine("status", "whole", "--json", env=ire_env).stdout)
-    killed = json.loads(irefine("status", "killed", "--json", env=ire_env).stdout)
+    rows, done_before, whole, killed = kill_at_cycle_5_then_resume(ire_env, args(log), log)
     assert killed["status"] == "completed"
     assert killed["evaluations"] == whole["evaluations"] == 160
     assert killed["cycles"] == whole["cycles"] == 20
