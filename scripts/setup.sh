@@ -32,11 +32,13 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 stamp=.venv/.irefine-installed
-want=$(sha256sum pyproject.toml | cut -c1-16)
+want=$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  # The runtime comes pinned from requirements.lock (the versions the suite and the image use), so a
+  # release upstream cannot change what a fresh clone runs; dev tools resolve freely.
+  .venv/bin/python -m pip install -q -c requirements.lock -e '.[dev]'
   echo "$want" > "$stamp"
 fi
 
