@@ -206,8 +206,10 @@ class CyclePipeline:
         if self._on_wait is not None:
             self._on_wait()
         assert head.future is not None
-        batch = head.future.result()
+        # Out of the pipeline before it is waited on: a cycle whose evaluation raised is over, and
+        # close() must not wait on it again (a lock-step cycle would be evaluated a second time).
         self._flights.popleft()
+        batch = head.future.result()
         return EvaluatedCycle(head.cycle, head.candidates, batch, head.started)
 
     def close(self, wait: bool = True) -> None:
@@ -215,7 +217,8 @@ class CyclePipeline:
         unless ``wait`` is false; then stop the pipeline's threads."""
         flights, self._flights = list(self._flights), deque()
         for flight in flights:
-            if wait and flight.future is not None:
+            # A lock-step cycle not yet evaluated is dropped, not started.
+            if wait and flight.future is not None and not isinstance(flight.future, _Later):
                 try:
                     flight.future.result()
                 except Exception as exc:  # the job is over: an error here changes nothing

@@ -122,6 +122,30 @@ def test_pipelined_job_gives_one_result_whatever_the_executor(store: JobStore, d
     assert len(a) == 40 and a == b
 
 
+class FailingExecutor(InProcessExecutor):
+    """Counts its batches and fails each, as a problem that cannot be built on a worker does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self.batches += 1
+        raise RuntimeError("the licence server is unreachable")
+
+
+@pytest.mark.parametrize("strategy_params", [{"ask_ahead": False}, {"n_startup_trials": 4}])
+def test_a_cycle_whose_evaluation_failed_is_not_evaluated_again(
+    store: JobStore, strategy_params: dict[str, Any]
+) -> None:
+    executor = FailingExecutor()
+    job = create_job(store, _spec(strategy_params=strategy_params), f"fails-{len(strategy_params)}")
+    with pytest.raises(RuntimeError, match="licence server"):
+        run_job(job, store, executor)
+    # Lock-step: the one cycle sent; ahead: that cycle and the one asked ahead, each once.
+    assert executor.batches == (1 if strategy_params.get("ask_ahead") is False else 2)
+
+
 def test_checkpoint_holds_the_batch_asked_ahead_and_resume_sends_it(store: JobStore) -> None:
     full = run_job(create_job(store, _spec(max_evaluations=40), "full"), store, InProcessExecutor())
     cut = create_job(store, _spec(max_evaluations=40, max_cycles=4), "cut")
