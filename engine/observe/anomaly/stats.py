@@ -8,7 +8,6 @@ import statistics
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy import special
 
 MAD_TO_SIGMA = 1.4826
 """The median absolute deviation of a normal sample times this is its standard deviation."""
@@ -42,6 +41,8 @@ def beta_binomial_cdf(k: int, n: int, a: float, b: float) -> float:
     summed with scipy.special (``scipy.stats.betabinom.cdf`` is the same sum at ~100x the cost a
     call, and this runs every cycle)."""
     i = np.arange(k + 1)
+    from scipy import special  # here, not at the top: scipy costs the CLI's start-up ~0.5 s
+
     log_pmf = special.betaln(i + a, n - i + b) - special.betaln(n - i + 1, i + 1) - special.betaln(a, b)
     return min(float(np.exp(log_pmf).sum()) / (n + 1), 1.0)
 
@@ -65,4 +66,6 @@ def robust_z(value: float, sample: Iterable[float], sigma_floor: float) -> tuple
 
 def binomial_upper_tail(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p)."""
+    from scipy import special
+
     return 1.0 if k <= 0 else float(special.bdtrc(k - 1, n, p))

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import optimize
 
 from engine.observe.anomaly.stats import MAD_TO_SIGMA
 
@@ -99,6 +98,8 @@ def scored_trend(
 
     def negative_likelihood(g: float) -> float:
         return cost(g) if cost is not None else -most_likely(np.array([g]))[0]
+
+    from scipy import optimize  # here, not at the top: scipy costs the CLI's start-up ~0.5 s
 
     refined = optimize.minimize_scalar(
         negative_likelihood, bounds=(lo, hi), method="bounded", options=_REFINE_OPTIONS
