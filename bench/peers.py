@@ -6,9 +6,10 @@ from launch to exit (interpreter start and imports included, as a user would see
 
 - ``floor``: a plain process pool of 2 evaluating 400 random points, no search at all;
 - ``optuna``: Optuna alone, two processes sharing a journal-file study (TPE, 200 trials each);
-- ``engine``: ``irefine run ... --strategy tpe`` against a running Prefect server (on PostgreSQL),
-  with its own 2-worker LocalCluster and the inference cache off (cycles pipelined: TPE asks cycle
-  n+1 while cycle n evaluates);
+- ``engine``: ``irefine run ... --strategy tpe`` against a running Prefect server (the local server
+  of ``irefine server start``, whose launcher runs it warm; ``--postgres``: a Prefect server on
+  PostgreSQL, the run starting cold), with its own 2-worker LocalCluster and the inference cache
+  off (cycles pipelined: TPE asks cycle n+1 while cycle n evaluates);
 - ``engine_lock_step`` (with ``--lock-step``): the same with ``ask_ahead=false``, each cycle
   proposed only after the one before is told, to show what the pipelining buys;
 - ``ray``: Ray Tune with ``OptunaSearch``, only if ``ray[tune]`` is importable (optional column).
@@ -180,9 +181,11 @@ def ray_available() -> bool:
 
 
 @contextlib.contextmanager
-def prefect_server(workdir: Path) -> Iterator[dict[str, str]]:
-    """The environment of every contender: a running Prefect server (on PostgreSQL) for the
-    engine, fresh IRE_HOME and PREFECT_HOME, and 2 Dask workers."""
+def prefect_server(workdir: Path, postgres: bool) -> Iterator[dict[str, str]]:
+    """The environment of every contender: a running Prefect server for the engine (the local
+    server of ``irefine server start``, with its launcher; or, with ``postgres``, a Prefect server
+    on PostgreSQL through PREFECT_API_URL, each run then starting cold), fresh IRE_HOME and
+    PREFECT_HOME, and 2 Dask workers."""
     from tests.prefect_server import prefect_api_on_postgres
 
     env = {
@@ -195,9 +198,23 @@ def prefect_server(workdir: Path) -> Iterator[dict[str, str]]:
     }
     for name in ("IRE_DATABASE_URL", "IRE_DATABASE_REPLICA_URL", "IRE_DASK_ADDRESS", "IRE_REDIS_URL"):
         env.pop(name, None)
-    with prefect_api_on_postgres() as server:
-        env["PREFECT_API_URL"] = server.url
+    if postgres:
+        with prefect_api_on_postgres() as server:
+            env["PREFECT_API_URL"] = server.url
+            yield env
+        return
+    env.pop("PREFECT_API_URL", None)
+    irefine = [sys.executable, "-m", "irefine", "server"]
+    started = subprocess.run(
+        [*irefine, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(f"irefine server start failed: {started.stdout}{started.stderr}")
+        env["PEERS_SERVER"] = started.stdout.splitlines()[0]
         yield env
+    finally:
+        subprocess.run([*irefine, "stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
 
 
 def main() -> None:
@@ -205,6 +222,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each contender (median)")
     parser.add_argument("--seed", type=int, default=1000, help="first seed (repetition i uses seed + i)")
     parser.add_argument("--lock-step", action="store_true", help="also the engine without pipelined cycles")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="the engine against a Prefect server on PostgreSQL (cold runs) instead of the local server",
+    )
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     with_ray = ray_available()
@@ -214,8 +236,11 @@ def main() -> None:
         walls["engine_lock_step"], bests["engine_lock_step"] = [], []
     if with_ray:
         walls["ray"], bests["ray"] = [], []
-    with tempfile.TemporaryDirectory(prefix="ire-peers-") as tmp, prefect_server(Path(tmp)) as env:
-        log(f"Prefect server at {env['PREFECT_API_URL']}; warming up the engine once (not counted)")
+    with (
+        tempfile.TemporaryDirectory(prefix="ire-peers-") as tmp,
+        prefect_server(Path(tmp), args.postgres) as env,
+    ):
+        log(f"{env.get('PEERS_SERVER') or env['PREFECT_API_URL']}; warming up the engine once (not counted)")
         run_engine(env, args.seed - 1)
         for rep in range(args.reps):
             seed = args.seed + rep
@@ -257,6 +282,7 @@ def main() -> None:
             "engine_batch": BATCH,
             "strategy": "tpe",
         },
+        "engine_server": "postgres (cold runs)" if args.postgres else "local server with its launcher",
         "reps": args.reps,
         "machine_cpus": os.cpu_count(),
         "load_avg_1m_at_end": round(os.getloadavg()[0], 1),  # the machine may be shared

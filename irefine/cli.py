@@ -18,6 +18,10 @@ from typing import Any, NoReturn
 from irefine.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput
 from irefine.spec_args import add_spec_flags, build_spec
 
+USER_ENVIRONMENT: dict[str, str] = {}
+"""The environment as the user gave it, before :func:`_quiet_prefect`'s defaults (the local
+server's launcher starts from it, so that its runs see what a cold run sees)."""
+
 
 def _quiet_prefect() -> None:
     # Keep Prefect's INFO chatter in the run logs (API) but off the user's terminal.
@@ -643,6 +647,15 @@ def _silence_shutdown() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("run", "resume"):
+        # The local server's launcher has Prefect, Dask and the engine imported already.
+        from irefine.launcher import delegate, server_root_of
+
+        delegated = delegate(argv, server_root_of(os.environ))
+        if delegated is not None:
+            sys.exit(delegated)
+    USER_ENVIRONMENT.update(os.environ)
     from engine.core import EngineError, SpecError
 
     _quiet_prefect()

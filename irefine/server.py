@@ -40,6 +40,7 @@ START_TIMEOUT_SECONDS = 600.0
 """The first start creates and migrates the database: 20-60 s on a 2-core machine, minutes when
 other work keeps its cores busy."""
 STOP_TIMEOUT_SECONDS = 20.0
+LAUNCHER_START_SECONDS = 120.0
 
 KEEP_RUNS_HINT = (
     "irefine: this run uses a temporary Prefect API that forgets it at exit; to keep runs and see "
@@ -198,6 +199,7 @@ def start_server(
     running = read_record(paths)
     if running is not None and _is_server_process(running.pid):
         _wait_healthy(running.api_url, timeout, paths.log, running.pid)  # it may be starting
+        start_launcher(paths, running)
         return running
     chosen = _choose_port(port)
     api_url = f"http://127.0.0.1:{chosen}/api"
@@ -220,7 +222,49 @@ def start_server(
         _stop_group(process.pid)
         paths.record.unlink(missing_ok=True)
         raise
+    start_launcher(paths, record)
     return record
+
+
+def launcher_pid(paths: ServerPaths) -> int | None:
+    """The pid of the server's launcher (irefine/launcher.py) if one is running."""
+    try:
+        pid = int((paths.root / "launcher.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def start_launcher(paths: ServerPaths, record: ServerRecord) -> None:
+    """Start the launcher that runs ``irefine run`` warm, from the user's environment (not with
+    IRE_LAUNCHER=off)."""
+    if os.environ.get("IRE_LAUNCHER", "on").lower() in ("off", "0", "false", "no"):
+        return
+    if launcher_pid(paths) is not None:
+        return
+    from irefine.cli import USER_ENVIRONMENT
+
+    with open(paths.root / "launcher.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "irefine.launcher", str(paths.root), str(record.pid), record.api_url],
+            env=dict(USER_ENVIRONMENT or os.environ),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # exits when the server does; `server stop` stops it first
+        )
+    (paths.root / "launcher.pid").write_text(str(process.pid))
+    # Ready when it listens (it imports Prefect, Dask and the engine first: a few seconds); a run
+    # that comes before that starts cold, so `server start` waits for it.
+    deadline = time.monotonic() + LAUNCHER_START_SECONDS
+    while time.monotonic() < deadline and process.poll() is None:
+        if (paths.root / "launcher.sock").exists():
+            return
+        time.sleep(0.1)
+    logging.getLogger("irefine").warning(
+        "the launcher did not start (runs start cold; see %s)", paths.root / "launcher.log"
+    )
 
 
 def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
@@ -243,6 +287,11 @@ def _stop_group(pid: int, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
 def stop_server(paths: ServerPaths) -> ServerRecord | None:
     """Stop the recorded server and forget it; returns what was recorded (None if nothing)."""
     record = read_record(paths)
+    launcher = launcher_pid(paths)
+    if launcher is not None:
+        _stop_group(launcher)
+    (paths.root / "launcher.pid").unlink(missing_ok=True)
+    (paths.root / "launcher.sock").unlink(missing_ok=True)
     if record is not None and _is_server_process(record.pid):
         _stop_group(record.pid)
     paths.record.unlink(missing_ok=True)
@@ -261,6 +310,7 @@ def server_status(paths: ServerPaths) -> dict[str, Any]:
         "pid": record.pid if alive and record else None,
         "port": record.port if alive and record else None,
         "started_at": record.started_at if alive and record else None,
+        "launcher_pid": launcher_pid(paths) if alive else None,
         "log": str(paths.log),
         "home": str(paths.root),
     }
@@ -348,6 +398,9 @@ def _start_temporary_api(environ: MutableMapping[str, str], home: Path) -> ApiCh
     env = {
         **environ,
         "PREFECT_UI_ENABLED": "0",
+        # Registering block types loads every Prefect collection installed (prefect-azure,
+        # -kubernetes, -docker...): seconds of start-up, for a block catalogue no UI will show.
+        "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
     }
@@ -440,6 +493,8 @@ def _print_status(status: dict[str, Any]) -> None:
     print(f"{'pid':>8}: {status['pid']}")
     print(f"{'health':>8}: {health}")
     print(f"{'since':>8}: {status['started_at']}")
+    launcher = f"pid {status['launcher_pid']}" if status["launcher_pid"] else "none (runs start cold)"
+    print(f"{'launcher':>8}: {launcher}")
     print(f"{'log':>8}: {status['log']}")
 
 

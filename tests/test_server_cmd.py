@@ -4,10 +4,13 @@ them: CLI subprocesses, a real ``prefect server start`` on SQLite, real runs kep
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +19,7 @@ import pytest
 
 from irefine.server import KEEP_RUNS_HINT, ApiChoice, api_for_run
 from tests.prefect_server import free_port
-from tests.test_cli import irefine
+from tests.test_cli import IREFINE, ROOT, irefine, job_rows
 
 SMALL_JOB = ["--problem", "sphere", "--problem-param", "dim=3", "--strategy", "random",
              "--batch-size", "4", "--max-cycles", "2", "--executor", "local"]  # fmt: skip
@@ -63,6 +66,8 @@ def test_start_keep_runs_status_stop(server_env: dict[str, str]) -> None:
         assert "irefine status kept" in run.stdout and "irefine top" in run.stdout
         flow_run = httpx.get(f"{running['api_url']}/flow_runs/{ids[0]}", timeout=10).json()
         assert flow_run["state"]["type"] == "COMPLETED" and flow_run["parameters"]["job_id"] == "kept"
+        server_processes.append(psutil.Process(running["launcher_pid"]))
+        check_the_launcher(server_env, Path(server_env["IRE_HOME"]) / "server" / "launcher.log")
     finally:
         stopped = irefine("server", "stop", env=server_env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
@@ -73,6 +78,51 @@ def test_start_keep_runs_status_stop(server_env: dict[str, str]) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
     assert "no local Prefect server" in irefine("server", "stop", env=server_env).stdout
+
+
+def best_of(env: dict[str, str], job_id: str) -> tuple[float, dict]:
+    report = json.loads(irefine("status", job_id, "--json", env=env).stdout)
+    return report["best_score"], report["best_candidate"]
+
+
+def check_the_launcher(env: dict[str, str], log: Path) -> None:
+    """The launcher ran the run above; a warm run equals a cold one; Ctrl-C reaches the run; a
+    changed source file makes it decline (the run starts cold) and start again."""
+    assert "ran run as pid" in log.read_text() and "exited 0" in log.read_text()
+    seeded = [*SMALL_JOB, "--seed", "11"]
+    warm = irefine("run", *seeded, "--job-id", "warm", "-q", env=env, timeout=600)
+    cold = irefine("run", *seeded, "--job-id", "cold", "-q", env={**env, "IRE_LAUNCHER": "off"}, timeout=600)
+    assert warm.returncode == cold.returncode == 0, warm.stderr + cold.stderr
+    assert log.read_text().count("ran run as pid") == 2  # the cold one did not ask it
+    assert best_of(env, "warm") == best_of(env, "cold")
+
+    slow = ["--problem", "sphere", "--problem-param", "dim=3", "--problem-param", "cost_ms=100",
+            "--strategy", "random", "--batch-size", "2", "--max-cycles", "500",
+            "--executor", "local"]  # fmt: skip
+    proc = subprocess.Popen(
+        [*IREFINE, "run", *slow, "--job-id", "interrupted"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not any(r[0] == "interrupted" and r[2] >= 1 for r in job_rows(env)):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    child = int(re.findall(r"ran run as pid (\d+)", log.read_text())[-1])
+    proc.send_signal(signal.SIGINT)
+    out, _err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "irefine resume interrupted" in out
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+    touched = ROOT / "engine" / "runner.py"
+    os.utime(touched)  # as an edit would: the launcher's imports are out of date
+    fresh = irefine("run", *seeded, "--job-id", "after-edit", "-q", env=env, timeout=600)
+    assert fresh.returncode == 0 and best_of(env, "after-edit") == best_of(env, "cold")
+    text = log.read_text()
+    assert "declined run: the project's source changed" in text
+    deadline = time.monotonic() + 180
+    while log.read_text().count("listening on") < 2:  # it starts again with fresh imports
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
 
 
 def test_a_port_in_use_is_bad_input_and_starts_nothing(server_env: dict[str, str]) -> None:
