@@ -401,6 +401,7 @@ def _start_temporary_api(environ: MutableMapping[str, str], home: Path) -> ApiCh
         # Registering block types loads every Prefect collection installed (prefect-azure,
         # -kubernetes, -docker...): seconds of start-up, for a block catalogue no UI will show.
         "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+        "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",  # its check loads them too
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
     }
