@@ -74,6 +74,12 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:
+    """``keys`` in slices of at most ``_CHUNK`` (SQLite caps the parameters of one statement)."""
+    for start in range(0, len(keys), _CHUNK):
+        yield keys[start : start + _CHUNK]
+
+
 def _check_bound(value: int | None, what: str) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise SpecError(f"embedded cache {what} {value!r}: use a positive integer or None")
@@ -145,8 +151,7 @@ class EmbeddedCache:
         with self._lock:
             try:
                 conn = self._connection()
-                for start in range(0, len(unique), _CHUNK):
-                    chunk = unique[start : start + _CHUNK]
+                for chunk in _chunks(unique):
                     rows = conn.execute(
                         f"SELECT key, value, expires_at FROM entries WHERE key IN ({_marks(len(chunk))})",
                         chunk,
@@ -220,8 +225,7 @@ class EmbeddedCache:
             try:
                 conn = self._connection()
                 with self._transaction(conn):
-                    for start in range(0, len(unique), _CHUNK):
-                        chunk = unique[start : start + _CHUNK]
+                    for chunk in _chunks(unique):
                         marks = _marks(len(chunk))
                         for (key,) in conn.execute(
                             f"SELECT key FROM entries WHERE expires_at > ? AND key IN ({marks})",
@@ -251,8 +255,7 @@ class EmbeddedCache:
             try:
                 conn = self._connection()
                 with self._transaction(conn):
-                    for start in range(0, len(unique), _CHUNK):
-                        chunk = unique[start : start + _CHUNK]
+                    for chunk in _chunks(unique):
                         conn.execute(
                             f"DELETE FROM claims WHERE owner = ? AND key IN ({_marks(len(chunk))})",
                             [owner, *chunk],
@@ -344,14 +347,12 @@ class EmbeddedCache:
             return
         try:
             with self._transaction(conn):
-                for start in range(0, len(hits), _CHUNK):
-                    chunk = hits[start : start + _CHUNK]
+                for chunk in _chunks(hits):
                     conn.execute(
                         f"UPDATE entries SET last_used = ? WHERE key IN ({_marks(len(chunk))})",
                         [now, *chunk],
                     )
-                for start in range(0, len(expired), _CHUNK):
-                    chunk = expired[start : start + _CHUNK]
+                for chunk in _chunks(expired):
                     conn.execute(
                         f"DELETE FROM entries WHERE expires_at <= ? AND key IN ({_marks(len(chunk))})",
                         [now, *chunk],
