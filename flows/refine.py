@@ -31,7 +31,7 @@ from engine.status import JobStatusReport
 from engine.store import JobRecord, JobStore
 from flows.limits import evaluation_slots, running_job_slot
 from flows.metrics import start_resource_sampler
-from flows.observer_set import DEFAULT_OBSERVERS
+from flows.observer_set import DEFAULT_OBSERVERS, report_findings
 from flows.observers import ObserverContext, Observers
 from flows.run_context import bind_run_logs, deployment_id, prefix_run_logs, run_job_id
 from flows.secret_key import secret_key_from_block
@@ -197,7 +197,7 @@ def refine(
         sampler = start_resource_sampler(base.executor)
         held.callback(sampler.stop)
         context = ObserverContext(base.store, settings, logger, run_id, base.executor, sampler)
-        observers = Observers(job, context, DEFAULT_OBSERVERS)
+        observers = Observers(job, context, DEFAULT_OBSERVERS, report_findings)
         run = base.with_run(
             stages=prefect_stage,
             listeners=[*local.listeners, observers],
