@@ -25,9 +25,8 @@ from engine.cache.base import (
     CacheStats,
     CacheUnavailableError,
     Claim,
-    _decode,
-    _warn_rejected,
     check_ttl,
+    decode_found,
     encode_items,
     key_prefix,
     scoped_prefix,
@@ -167,25 +166,7 @@ class EmbeddedCache:
                 return [None] * n
             self._succeeded()
             self._touch(conn, list(found), expired, now)
-        out: list[Evaluation | None] = []
-        hits = rejected = 0
-        decoded: dict[str, Evaluation | None] = {}
-        for key in keys:
-            if key in decoded:
-                ev = decoded[key]
-            elif key in found:
-                result = _decode(found[key])
-                if isinstance(result, str):
-                    _warn_rejected(key, result)
-                    rejected += 1
-                    ev = None
-                else:
-                    ev = result
-                decoded[key] = ev
-            else:
-                ev = None
-            hits += ev is not None
-            out.append(ev)
+        out, hits, rejected = decode_found(keys, lambda _, key: found.get(key))
         with self._lock:
             self._counters.add(hits=hits, misses=n - hits, rejected=rejected)
         return out
