@@ -1,11 +1,11 @@
 """The composition root: everything one job run needs besides its spec, built in one place.
 
-:func:`unstarted_services` opens a run's store and cache from :class:`~engine.settings.Settings`
-(``blocks.services`` from saved Prefect blocks, with the same defaults) as :class:`UnstartedServices`:
-the run opens its job in that store first, and only then starts its executor
-(:meth:`UnstartedServices.start`), so that a refused job starts no Dask cluster.
-:func:`services_from_settings` does both at once. The ``refine`` flow adds its Prefect stage
-runner, observers and slots with :meth:`JobServices.with_run`.
+:func:`services_from_settings` opens a run's store and cache from :class:`~engine.settings.Settings`
+(``blocks.services.services_from_blocks`` from saved Prefect blocks, with the same defaults) as
+:class:`UnstartedServices`: the run opens its job in that store first, and only then starts its
+executor (:meth:`UnstartedServices.start` -> :class:`JobServices`), so that a refused job starts no
+Dask cluster. The ``refine`` flow adds its Prefect stage runner, observers and slots with
+:meth:`JobServices.with_run`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ __all__ = [
     "UnstartedServices",
     "open_executor",
     "services_from_settings",
-    "unstarted_services",
 ]
 
 ExecutorKind = Literal["dask", "local"]
@@ -164,7 +163,7 @@ def lent_or_opened_executor(
     return open_one, True
 
 
-def unstarted_services(
+def services_from_settings(
     settings: Settings,
     *,
     store: JobStore | None = None,
@@ -190,24 +189,3 @@ def unstarted_services(
         owns_executor=owns_executor,
         owned=owned,
     )
-
-
-def services_from_settings(
-    settings: Settings,
-    *,
-    store: JobStore | None = None,
-    executor: Executor | None = None,
-    kind: ExecutorKind = "dask",
-    dask_address: str | None = None,
-) -> JobServices:
-    """Services from the settings, started (:func:`unstarted_services`, then its ``start``):
-    :meth:`JobServices.close` closes what they opened, never what was lent."""
-    unstarted = unstarted_services(
-        settings, store=store, executor=executor, kind=kind, dask_address=dask_address
-    )
-    try:
-        services = unstarted.start()
-    except BaseException:
-        unstarted.close()
-        raise
-    return replace(services, owned=(*unstarted.owned, *services.owned))

@@ -23,7 +23,7 @@ from engine.execution import Executor
 from engine.observe.metrics import ResourceProbe
 from engine.problems import describe_problem
 from engine.runner import CycleListener, Job, new_job_id, open_job
-from engine.services import ExecutorKind, UnstartedServices, unstarted_services
+from engine.services import ExecutorKind, UnstartedServices, services_from_settings
 from engine.settings import Settings, load_settings
 from engine.signing import use_secret_key
 from engine.status import JobStatusReport
@@ -137,7 +137,7 @@ def job_services(
         return services_from_blocks(
             block_set, settings, executor=local.lent_executor(), kind=kind, dask_address=dask_address
         )
-    return unstarted_services(
+    return services_from_settings(
         settings, store=local.store, executor=local.lent_executor(), kind=kind, dask_address=dask_address
     )
 
