@@ -55,15 +55,11 @@ def percentile(values: list[float], share: float) -> float | None:
 
 def group_cpu_seconds(pgids: list[int]) -> float:
     """CPU seconds of every live process in these process groups, their reaped children included."""
+    from deployments.cluster.procs import process_stats
+
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
+    for fields in process_stats():
         if int(fields[2]) in pgids:
             total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return total / tick

@@ -1,5 +1,5 @@
 """The job services from saved blocks: a deployment run names a block set, and this builds the
-same :class:`~engine.services.JobServices` that the settings would, with the same defaults.
+same :class:`~engine.services.UnstartedServices` that the settings would, with the same defaults.
 
 A block set ``NAME`` is a :class:`JobStoreBlock` saved as ``NAME`` (required), and optionally an
 :class:`InferenceCacheBlock` and a :class:`DaskClusterBlock` saved under the same name; without
@@ -9,6 +9,7 @@ them the run uses the settings' cache and the run's executor parameters.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from prefect.exceptions import ObjectNotFound
 
@@ -18,7 +19,7 @@ from blocks.job_store import JobStoreBlock
 from engine.cache import CacheConfig
 from engine.core import SpecError
 from engine.execution import Executor
-from engine.services import ExecutorKind, JobServices, open_executor
+from engine.services import ExecutorKind, UnstartedServices, lent_or_opened_executor, open_executor
 from engine.settings import Settings
 
 __all__ = ["services_from_blocks"]
@@ -40,10 +41,11 @@ def services_from_blocks(
     executor: Executor | None = None,
     kind: ExecutorKind = "dask",
     dask_address: str | None = None,
-) -> JobServices:
-    """The services of block set ``name``: its job store, its inference cache (default: the
-    settings') and its Dask cluster (default: :func:`~engine.services.open_executor`); a lent
-    ``executor`` or ``kind="local"`` runs there instead of the block's cluster."""
+) -> UnstartedServices:
+    """The services of block set ``name``, before the executor starts: its job store, its inference
+    cache (default: the settings') and its Dask cluster (default:
+    :func:`~engine.services.open_executor`); a lent ``executor`` or ``kind="local"`` runs there
+    instead of the block's cluster."""
     try:
         store_block = JobStoreBlock.load(name, validate=True)
     except ValueError as exc:
@@ -52,21 +54,21 @@ def services_from_blocks(
         ) from None
     cache_block = _load_optional(InferenceCacheBlock, name)
     cluster_block = _load_optional(DaskClusterBlock, name)
-    store = store_block.get_store()
-    owned: list[Callable[[], None]] = [store.close]
-    try:
-        if executor is None:
-            if kind == "dask" and not dask_address and isinstance(cluster_block, DaskClusterBlock):
-                executor = cluster_block.get_executor()
-            else:
-                executor = open_executor(kind, dask_address, settings)
-            owned.append(executor.close)
-    except BaseException:
-        store.close()
-        raise
+    open_one: Callable[[], Executor] = partial(open_executor, kind, dask_address, settings)
+    if kind == "dask" and not dask_address and isinstance(cluster_block, DaskClusterBlock):
+        open_one = cluster_block.get_executor
+    start_executor, owns_executor = lent_or_opened_executor(executor, open_one)
     cache = (
         cache_block.config(settings.home)
         if isinstance(cache_block, InferenceCacheBlock)
         else CacheConfig.from_settings(settings)
     )
-    return JobServices(settings=settings, store=store, cache=cache, executor=executor, owned=tuple(owned))
+    store = store_block.get_store()
+    return UnstartedServices(
+        settings=settings,
+        store=store,
+        cache=cache,
+        start_executor=start_executor,
+        owns_executor=owns_executor,
+        owned=(store.close,),
+    )

@@ -161,6 +161,23 @@ def _refine_flow() -> dict[str, str | list[str]]:
     return {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
 
 
+def _refine_run_stuck(
+    after: set[str], expect: set[str], within: timedelta, match: dict[str, Any] | None = None
+) -> EventTrigger:
+    """Fires once for a deployment run of the refine flow that emitted one of ``after`` and then none
+    of ``expect`` for ``within`` (``match``: more labels the flow-run event must have)."""
+    return EventTrigger(
+        after=after,
+        expect=expect,
+        match={"prefect.resource.id": "prefect.flow-run.*", **(match or {})},
+        match_related=[_refine_flow(), {"prefect.resource.role": "deployment"}],
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=within,
+    )
+
+
 def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> list[AutomationCore]:
     """The automations setup keeps on the server; ``notify_block_id`` None means no notification."""
 
@@ -172,6 +189,20 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
     def alert(subject: str, body: str) -> list[Any]:
         return notify(subject, body) or [DoNothing()]
 
+    def job_event_alert(name: str, description: str, event: str, subject: str, body: str) -> AutomationCore:
+        """An alert on each ``event`` (a name or a pattern) about a job."""
+        return AutomationCore(
+            name=name,
+            description=description,
+            trigger=EventTrigger(
+                expect={event},
+                match={"prefect.resource.id": JOB_RESOURCES},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=alert(subject, body),
+        )
+
     # Run counts 1..cap: a run that crashed after starting at most `cap` times is rescheduled.
     run_counts = [str(n) for n in range(1, policy.max_crash_resumes + 1)]
     return [
@@ -181,15 +212,11 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
                 f"A crashed deployment run of {FLOW_NAME} is rescheduled and resumes its job from the "
                 f"last checkpoint, up to {policy.max_crash_resumes} times per flow run (irefine setup)."
             ),
-            trigger=EventTrigger(
+            trigger=_refine_run_stuck(
                 after={"prefect.flow-run.Crashed"},
                 expect={f"prefect.flow-run.{state}" for state in _MOVED_ON},
-                match={"prefect.resource.id": "prefect.flow-run.*", "prefect.run-count": run_counts},
-                match_related=[_refine_flow(), {"prefect.resource.role": "deployment"}],
-                for_each={"prefect.resource.id"},
-                posture=Posture.Proactive,
-                threshold=1,
                 within=policy.crash_settle,
+                match={"prefect.run-count": run_counts},
             ),
             actions=[
                 ChangeFlowRunState(
@@ -208,15 +235,10 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
                 f"{policy.heartbeat_timeout.total_seconds():g} s while Running is marked Crashed "
                 f"(then {RESUME_CRASHED} resumes it) (irefine setup)."
             ),
-            trigger=EventTrigger(
+            trigger=_refine_run_stuck(
                 after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
                 expect={"prefect.flow-run.heartbeat"}
                 | {f"prefect.flow-run.{state}" for state in (*_MOVED_ON, "Crashed") if state != "Running"},
-                match={"prefect.resource.id": "prefect.flow-run.*"},
-                match_related=[_refine_flow(), {"prefect.resource.role": "deployment"}],
-                for_each={"prefect.resource.id"},
-                posture=Posture.Proactive,
-                threshold=1,
                 within=policy.heartbeat_timeout,
             ),
             actions=[
@@ -237,16 +259,11 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
                 f"A deployment run of {FLOW_NAME} still Pending {policy.pending_timeout.total_seconds():g} s "
                 "after a worker claimed it is rescheduled: its worker died before starting it (setup)."
             ),
-            trigger=EventTrigger(
+            trigger=_refine_run_stuck(
                 after={"prefect.flow-run.Pending"},
                 expect={
                     f"prefect.flow-run.{state}" for state in (*_MOVED_ON, "Crashed") if state != "Pending"
                 },
-                match={"prefect.resource.id": "prefect.flow-run.*"},
-                match_related=[_refine_flow(), {"prefect.resource.role": "deployment"}],
-                for_each={"prefect.resource.id"},
-                posture=Posture.Proactive,
-                threshold=1,
                 within=policy.pending_timeout,
             ),
             actions=[
@@ -281,27 +298,19 @@ def automation_specs(notify_block_id: UUID | None, policy: AutomationPolicy) -> 
                 *notify(BURST_SUBJECT, BURST_BODY),
             ],
         ),
-        AutomationCore(
-            name=DEADLINE_ALERT,
-            description=f"A job past its deadline ({DEADLINE_EVENT}) raises an alert (irefine setup).",
-            trigger=EventTrigger(
-                expect={DEADLINE_EVENT},
-                match={"prefect.resource.id": JOB_RESOURCES},
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=alert(DEADLINE_SUBJECT, DEADLINE_BODY),
+        job_event_alert(
+            DEADLINE_ALERT,
+            f"A job past its deadline ({DEADLINE_EVENT}) raises an alert (irefine setup).",
+            DEADLINE_EVENT,
+            DEADLINE_SUBJECT,
+            DEADLINE_BODY,
         ),
-        AutomationCore(
-            name=ANOMALY_ALERT,
-            description=f"Anomalies of a job ({ANOMALY_EVENTS}) notify (irefine setup).",
-            trigger=EventTrigger(
-                expect={ANOMALY_EVENTS},
-                match={"prefect.resource.id": JOB_RESOURCES},
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=alert(ANOMALY_SUBJECT, ANOMALY_BODY),
+        job_event_alert(
+            ANOMALY_ALERT,
+            f"Anomalies of a job ({ANOMALY_EVENTS}) notify (irefine setup).",
+            ANOMALY_EVENTS,
+            ANOMALY_SUBJECT,
+            ANOMALY_BODY,
         ),
     ]
 

@@ -49,7 +49,7 @@ from engine.core.cycle import too_many_failures
 from engine.core.strategy import asks_ahead
 from engine.execution import EvaluatedBatch, Executor, ProblemRef, Writeback
 from engine.observe.anomaly import AnomalyDetector, DetectorConfig
-from engine.observe.logs import bind_log_context, set_log_cycle
+from engine.observe.logs import bind_log_context, bound_log_job, set_log_cycle
 from engine.pipeline import CyclePipeline, EvaluationSlots, StageRunner
 from engine.problems import load_problem, problem_space
 from engine.signing import secret_key, sign_checkpoint, verified_checkpoint
@@ -451,7 +451,10 @@ def run_job(
     committer = CycleCommitter(store)
     restarter = StallRestarter(job, store) if job.spec.restart_on_stall else None
     store.set_status(job.job_id, JobStatus.RUNNING, flow_run_id=flow_run_id)
-    unbind_log_context = bind_log_context(job_id=job.job_id)
+    # The job is bound to the log lines once per process path: here unless the caller (the CLI,
+    # the refine flow) bound it; the undo also clears the cycle the loop marks.
+    bound = bound_log_job() == job.job_id
+    unbind_log_context = bind_log_context() if bound else bind_log_context(job_id=job.job_id)
     # A restart on stall replaces the strategy, which must then have no batch still out.
     pipeline = CyclePipeline(
         job,

@@ -1,8 +1,11 @@
 """The composition root: everything one job run needs besides its spec, built in one place.
 
-:func:`services_from_settings` builds a :class:`JobServices` from :class:`~engine.settings.Settings`;
-``blocks.services`` builds the same object from saved Prefect blocks, with the same defaults. The
-``refine`` flow adds its Prefect stage runner, observers and slots with :meth:`JobServices.with_run`.
+:func:`services_from_settings` opens a run's store and cache from :class:`~engine.settings.Settings`
+(``blocks.services.services_from_blocks`` from saved Prefect blocks, with the same defaults) as
+:class:`UnstartedServices`: the run opens its job in that store first, and only then starts its
+executor (:meth:`UnstartedServices.start` -> :class:`JobServices`), so that a refused job starts no
+Dask cluster. The ``refine`` flow adds its Prefect stage runner, observers and slots with
+:meth:`JobServices.with_run`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Literal
 
 from engine.cache import CacheConfig
@@ -26,7 +30,13 @@ from engine.runner import (
 from engine.settings import Settings
 from engine.store import JobStore
 
-__all__ = ["ExecutorKind", "JobServices", "open_executor", "services_from_settings"]
+__all__ = [
+    "ExecutorKind",
+    "JobServices",
+    "UnstartedServices",
+    "open_executor",
+    "services_from_settings",
+]
 
 ExecutorKind = Literal["dask", "local"]
 
@@ -79,14 +89,7 @@ class JobServices:
 
     def close(self) -> None:
         """Close what these services opened, the last opened first; the first error is raised."""
-        error: BaseException | None = None
-        for close in reversed(self.owned):
-            try:
-                close()
-            except BaseException as exc:
-                error = error or exc
-        if error is not None:
-            raise error
+        _close_all(self.owned)
 
 
 def open_executor(kind: ExecutorKind, dask_address: str | None, settings: Settings) -> Executor:
@@ -105,6 +108,61 @@ def open_executor(kind: ExecutorKind, dask_address: str | None, settings: Settin
     )
 
 
+def _close_all(owned: Sequence[Callable[[], None]]) -> None:
+    """Call each of ``owned``, the last first; the first error is raised once all were called."""
+    error: BaseException | None = None
+    for close in reversed(owned):
+        try:
+            close()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+@dataclass(frozen=True)
+class UnstartedServices:
+    """A run's store and cache, open, and its executor not started yet.
+
+    :meth:`start` starts the executor (``start_executor``) and returns the :class:`JobServices`,
+    whose ``close`` stops that executor if it was started here (``owns_executor``); :meth:`close`
+    closes what was opened for this object (``owned``: the store, unless lent), after that.
+    """
+
+    settings: Settings
+    store: JobStore
+    cache: CacheConfig | None
+    start_executor: Callable[[], Executor]
+    owns_executor: bool
+    owned: tuple[Callable[[], None], ...] = ()
+
+    def start(self) -> JobServices:
+        """The services with the executor started."""
+        executor = self.start_executor()
+        return JobServices(
+            settings=self.settings,
+            store=self.store,
+            cache=self.cache,
+            executor=executor,
+            owned=(executor.close,) if self.owns_executor else (),
+        )
+
+    def close(self) -> None:
+        """Close the store (if opened here); the first error is raised."""
+        _close_all(self.owned)
+
+
+def lent_or_opened_executor(
+    executor: Executor | None, open_one: Callable[[], Executor]
+) -> tuple[Callable[[], Executor], bool]:
+    """How a run gets its executor: the lent ``executor`` (the caller closes it), else ``open_one``
+    (the run closes it); and whether the run owns it."""
+    if executor is not None:
+        lent = executor
+        return (lambda: lent), False
+    return open_one, True
+
+
 def services_from_settings(
     settings: Settings,
     *,
@@ -112,26 +170,22 @@ def services_from_settings(
     executor: Executor | None = None,
     kind: ExecutorKind = "dask",
     dask_address: str | None = None,
-) -> JobServices:
-    """Services from the settings: their cache, ``store`` and ``executor`` if lent (the caller
-    closes those), else the settings' store and one opened by :func:`open_executor` (closed by
-    :meth:`JobServices.close`)."""
-    owned: list[Callable[[], None]] = []
+) -> UnstartedServices:
+    """A run's services from the settings, before its executor starts: their cache, ``store`` if
+    lent (the caller closes it) else the settings' store, and ``executor`` if lent else one that
+    :func:`open_executor` starts."""
+    start_executor, owns_executor = lent_or_opened_executor(
+        executor, partial(open_executor, kind, dask_address, settings)
+    )
+    owned: tuple[Callable[[], None], ...] = ()
     if store is None:
         store = JobStore.from_settings(settings)
-        owned.append(store.close)
-    try:
-        if executor is None:
-            executor = open_executor(kind, dask_address, settings)
-            owned.append(executor.close)
-    except BaseException:
-        for close in owned:
-            close()
-        raise
-    return JobServices(
+        owned = (store.close,)
+    return UnstartedServices(
         settings=settings,
         store=store,
         cache=CacheConfig.from_settings(settings),
-        executor=executor,
-        owned=tuple(owned),
+        start_executor=start_executor,
+        owns_executor=owns_executor,
+        owned=owned,
     )

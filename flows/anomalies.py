@@ -1,5 +1,6 @@
-"""The anomaly observer of a ``refine`` flow run: each finding becomes a Prefect event, a log line
-and a row of the job's ``anomalies`` in the store.
+"""The anomaly observer of a ``refine`` flow run, which returns what the job's detector finds in
+each cycle, and :func:`report_findings`, which the run's :class:`~flows.observers.Observers` hands
+every finding to: it becomes a log line, a Prefect event and a row of the job's ``anomalies``.
 
 Events are named ``refinement.anomaly.<kind>`` (kinds: ``engine.observe.ANOMALY_KINDS``), with the
 job as their resource (``irefine.job.<job_id>``), the flow run as a related resource, and
@@ -50,26 +51,27 @@ def emit_findings(job_id: str, findings: Sequence[Finding], flow_run_id: str | N
         )
 
 
+def report_findings(job: Job, findings: Sequence[Finding], context: ObserverContext) -> None:
+    """Log, emit (one event each) and store the findings of a cycle."""
+    for finding in findings:
+        context.logger.warning(
+            "job %s: anomaly %s at cycle %d: %s", job.job_id, finding.kind, finding.cycle, finding.message
+        )
+    emit_findings(job.job_id, findings, context.flow_run_id)
+    context.store.add_anomalies(job.job_id, findings)
+
+
 class AnomalyObserver:
-    """Feeds each committed cycle to the job's :class:`AnomalyDetector` and reports what it finds."""
+    """Feeds each committed cycle to the job's :class:`AnomalyDetector`; returns what it finds."""
 
-    def __init__(self, detector: AnomalyDetector, context: ObserverContext) -> None:
+    def __init__(self, detector: AnomalyDetector) -> None:
         self._detector = detector
-        self._context = context
 
-    def __call__(self, job: Job, record: CycleRecord) -> None:
-        findings = self._detector.observe(record)
-        if not findings:
-            return
-        for finding in findings:
-            self._context.logger.warning(
-                "job %s: anomaly %s at cycle %d: %s", job.job_id, finding.kind, finding.cycle, finding.message
-            )
-        emit_findings(job.job_id, findings, self._context.flow_run_id)
-        self._context.store.add_anomalies(job.job_id, findings)
+    def __call__(self, job: Job, record: CycleRecord) -> Sequence[Finding]:
+        return self._detector.observe(record)
 
     def finish(self, job: Job, result: dict[str, Any] | None, error: BaseException | None) -> None:
-        """Nothing to close: events are flushed by Prefect, findings are already stored."""
+        """Nothing to close: the run reported and stored the findings as they came."""
 
 
 def anomaly_observer(job: Job, context: ObserverContext) -> AnomalyObserver:
@@ -85,4 +87,4 @@ def anomaly_observer(job: Job, context: ObserverContext) -> AnomalyObserver:
         tolerance=job.spec.tolerance,
         config=anomaly_config(job.spec),
     )
-    return AnomalyObserver(detector, context)
+    return AnomalyObserver(detector)

@@ -151,8 +151,9 @@ class ArtifactObserver:
         )
         self._sender.post(budget_share(job.spec, job.progress), _progress_note(job), None)
 
-    def __call__(self, job: Job, record: CycleRecord) -> None:
+    def __call__(self, job: Job, record: CycleRecord) -> tuple[()]:
         self._sender.post(budget_share(job.spec, job.progress), _progress_note(job), record)
+        return ()
 
     def finish(self, job: Job, result: dict[str, Any] | None, error: BaseException | None) -> None:
         if result is not None:

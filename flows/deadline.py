@@ -60,8 +60,9 @@ class DeadlineObserver:
         self._timer.name = f"deadline-{job.job_id}"
         self._timer.start()
 
-    def __call__(self, job: Job, record: Any) -> None:
-        self._job = job
+    def __call__(self, job: Job, record: Any) -> tuple[()]:
+        self._job = job  # the timer reads the progress of the latest cycle
+        return ()
 
     def finish(self, job: Job, result: dict[str, Any] | None, error: BaseException | None) -> None:
         self._timer.cancel()

@@ -91,10 +91,11 @@ class MetricsObserver:
         self._server = server
         self._misses_seen = job.progress.cache_misses
 
-    def __call__(self, job: Job, record: CycleRecord) -> None:
+    def __call__(self, job: Job, record: CycleRecord) -> tuple[()]:
         misses, self._misses_seen = job.progress.cache_misses - self._misses_seen, job.progress.cache_misses
         if self._metrics is not None:
             self._metrics.observe_cycle(record, misses)
+        return ()
 
     def finish(self, job: Job, result: dict[str, Any] | None, error: BaseException | None) -> None:
         if self._server is not None:

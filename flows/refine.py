@@ -20,18 +20,17 @@ from prefect.utilities.annotations import NotSet, quote
 
 from engine.core import JobSpec
 from engine.execution import Executor
-from engine.observe.logs import bind_log_context
 from engine.observe.metrics import ResourceProbe
 from engine.problems import describe_problem
-from engine.runner import CycleListener, Job, open_job
-from engine.services import ExecutorKind, JobServices, services_from_settings
+from engine.runner import CycleListener, Job, new_job_id, open_job
+from engine.services import ExecutorKind, UnstartedServices, services_from_settings
 from engine.settings import Settings, load_settings
 from engine.signing import use_secret_key
 from engine.status import JobStatusReport
 from engine.store import JobRecord, JobStore
 from flows.limits import evaluation_slots, running_job_slot
 from flows.metrics import start_resource_sampler
-from flows.observer_set import DEFAULT_OBSERVERS
+from flows.observer_set import DEFAULT_OBSERVERS, report_findings
 from flows.observers import ObserverContext, Observers
 from flows.run_context import bind_run_logs, deployment_id, prefix_run_logs, run_job_id
 from flows.secret_key import secret_key_from_block
@@ -129,9 +128,9 @@ def job_services(
     kind: ExecutorKind,
     dask_address: str | None,
     local: InProcessRun,
-) -> JobServices:
-    """The run's store, cache and executor: from the saved blocks named ``block_set``, else from
-    the settings (with what an in-process caller lends)."""
+) -> UnstartedServices:
+    """The run's store, cache and executor (not started yet): from the saved blocks named
+    ``block_set``, else from the settings (with what an in-process caller lends)."""
     if block_set:
         from blocks.services import services_from_blocks
 
@@ -167,24 +166,26 @@ def refine(
     run_id = str(flow_run.get_id() or "") or None
     deployed = deployment_id() is not None
     job_id = local.job.job_id if local.job is not None else run_job_id(spec, job_id)
+    if job_id is None and spec is not None:
+        job_id = new_job_id()  # known before the job is created: the run's lines carry it throughout
     with contextlib.ExitStack() as held:  # left in reverse: the slot after the store's last write
-        # From here on every line of the run carries the job (when known yet) and the run id.
+        # From here on every line of the run carries the job and the run id (bound once, here).
         held.callback(bind_run_logs(job_id, run_id, json_lines=settings.log_format == "json"))
         held.enter_context(running_job_slot(deployed))
-        base = job_services(settings, services, executor, dask_address, local)
-        held.callback(base.close)
+        unstarted = job_services(settings, services, executor, dask_address, local)
+        held.callback(unstarted.close)
         # A deployment run's spec comes from whoever may create flow runs: allow-listed problems only.
         allowed = settings.problem_module_prefixes() if deployed else None
         use_secret_key(secret_key_from_block(settings.secret_key_block))
-        opened = local.job or open_job(base.store, spec, job_id, allowed_modules=allowed)
+        opened = local.job or open_job(unstarted.store, spec, job_id, allowed_modules=allowed)
         if isinstance(opened, JobRecord):
             # A rerun of a flow run whose process died after the job completed, before Prefect
             # heard of it: the job is done, so the run returns its status instead of failing.
             logger.info("job %s already completed (%s)", opened.job_id, opened.stop_reason)
-            return JobStatusReport.read(base.store, opened.job_id, fresh=True)
+            return JobStatusReport.read(unstarted.store, opened.job_id, fresh=True)
         job = opened
-        if job.job_id != job_id:
-            bind_log_context(job_id=job.job_id)  # a new job's generated id
+        base = unstarted.start()  # the executor (a Dask cluster) only for a job that opened
+        held.callback(base.close)
         describe_task = describe.with_options(result_storage=settings.result_storage or NotSet)
         describe_task(job.spec.problem, dict(job.spec.problem_params), quote(job.problem))
         logger.info(
@@ -197,7 +198,7 @@ def refine(
         sampler = start_resource_sampler(base.executor)
         held.callback(sampler.stop)
         context = ObserverContext(base.store, settings, logger, run_id, base.executor, sampler)
-        observers = Observers(job, context, DEFAULT_OBSERVERS)
+        observers = Observers(job, context, DEFAULT_OBSERVERS, report_findings)
         run = base.with_run(
             stages=prefect_stage,
             listeners=[*local.listeners, observers],

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 
-from engine.observe.logs import RunContextFormatter, bind_log_context, record_context, use_json_logs
+from engine.observe.logs import (
+    RunContextFormatter,
+    bind_log_context,
+    bound_log_job,
+    record_context,
+    use_json_logs,
+)
 
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 """Prefect's loggers of flow and task runs, whose lines it also sends to the API as run logs."""
@@ -87,10 +93,13 @@ def _context_flow_run() -> FlowRun | None:
 
 
 def bind_run_logs(job_id: str | None, run_id: str | None, *, json_lines: bool) -> Callable[[], None]:
-    """Bind the job and the run to this run's log lines, prefix its API run logs with them and,
-    if asked, write its console lines as JSON (a worker's ``prefect flow-run execute`` has done none
-    of it); returns the undo."""
-    undo = [bind_log_context(job_id=job_id, flow_run_id=run_id)]
+    """Bind the run (and the job, unless the caller bound it: the CLI does) to this run's log
+    lines, prefix its API run logs with them and, if asked, write its console lines as JSON (a
+    worker's ``prefect flow-run execute`` has done none of it); returns the undo."""
+    if bound_log_job() == job_id:
+        undo = [bind_log_context(flow_run_id=run_id)]
+    else:
+        undo = [bind_log_context(job_id=job_id, flow_run_id=run_id)]
     prefix_run_logs()
     if json_lines:
         undo.append(use_json_logs())

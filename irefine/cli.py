@@ -126,7 +126,9 @@ def _run_flow(job: Any, settings: Any, store: Any, args: argparse.Namespace) -> 
         from flows.refine import InProcessRun, run_refine
 
         _configure_logs(settings)
-        bind_log_context(job_id=job.job_id)  # this process runs this one job: every line is about it
+        # This process runs this one job: every line is about it (bound once; the flow and the
+        # loop find it bound).
+        bind_log_context(job_id=job.job_id)
         api.wait_ready(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
         with view:
             result = run_refine(

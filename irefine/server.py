@@ -89,6 +89,16 @@ class ServerPaths:
         return cls(ire_home / "server")
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM ``process`` and wait for it; SIGKILL it if it has not ended after ``timeout`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _ire_home() -> Path:
     from engine.core import SpecError
     from engine.settings import load_settings
@@ -377,12 +387,7 @@ class ApiChoice:
 
             APILogWorker.drain_all(timeout=5)
             EventsWorker.drain_all(timeout=5)
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, 5)
         self.process = None
         if self._log is not None:
             self._log.close()

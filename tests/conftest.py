@@ -9,8 +9,9 @@ skipping them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -19,29 +20,32 @@ from tests.services import PostgresServer, RedisServer, ServiceError
 
 pytest_plugins = ["tests.runtime_fixtures"]
 
+T = TypeVar("T", RedisServer, PostgresServer)
+
 # -- services: Redis and PostgreSQL ----------------------------------------------------------------
+
+
+def _session_service(start: Callable[[], T], what: str) -> Iterator[T]:
+    """A service started once for the session and closed after it; one that cannot start fails
+    the tests that need it (never a skip)."""
+    try:
+        server = start()
+    except ServiceError as exc:
+        pytest.fail(f"cannot start {what} for the tests: {exc}", pytrace=False)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A private redis-server for the session (``.url``, ``.stop()``, ``.start()``)."""
-    try:
-        server = RedisServer()
-    except ServiceError as exc:
-        pytest.fail(f"cannot start Redis for the tests: {exc}", pytrace=False)
-    yield server
-    server.close()
+    yield from _session_service(RedisServer, "Redis")
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A private PostgreSQL cluster for the session, or the server of IRE_TEST_POSTGRES_URL."""
-    try:
-        server = PostgresServer()
-    except ServiceError as exc:
-        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
-    yield server
-    server.close()
+    yield from _session_service(PostgresServer, "PostgreSQL")
 
 
 @pytest.fixture

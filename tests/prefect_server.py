@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from deployments.server import SERVER_SETTINGS
+from irefine.server import stop_process
 
 
 def free_port() -> int:
@@ -80,11 +81,7 @@ class PrefectServer:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+            stop_process(self.process, 20)
         self._log.close()
         shutil.rmtree(self.home, ignore_errors=True)
 

@@ -34,6 +34,8 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
+from irefine.server import stop_process
+
 __all__ = ["PostgresReplica", "PostgresServer", "RedisServer", "ServiceError", "free_port"]
 
 _START_TIMEOUT = 30.0
@@ -185,12 +187,7 @@ class RedisServer(_Service):
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
     def close(self) -> None:
         """Stop the server and remove its folder."""

@@ -476,29 +476,28 @@ def test_terraform_fmt_check_catches_bad_formatting(tmp_path: Path) -> None:
     assert terraform_unformatted(tmp_path) == ["bad.tf"]
 
 
+def declared_names(files: dict[str, Any], module: str, kind: str) -> set[str]:
+    """The names the files of ``module`` ("" for the root) declare in blocks of ``kind``."""
+    return {
+        name
+        for path, body in files.items()
+        if str(Path(path).parent) == (module or ".")
+        for block in body.get(kind, [])
+        for name in block
+    }
+
+
 def test_every_terraform_file_parses_and_declares_what_it_uses() -> None:
     files = terraform_files()
     assert {"main.tf", "variables.tf", "outputs.tf", "modules/region/aks.tf"} <= set(files)
     for module in ("", "modules/region"):
         folder = AZURE / module
         text = "\n".join(p.read_text() for p in folder.glob("*.tf"))
-        declared = {
-            name
-            for path, body in files.items()
-            if str(Path(path).parent) == (module or ".")
-            for block in body.get("variable", [])
-            for name in block
-        }
+        declared = declared_names(files, module, "variable")
         used = set(re.findall(r"\bvar\.(\w+)", text))
         assert used <= declared, f"{module or 'root'}: undeclared {used - declared}"
         assert declared <= used, f"{module or 'root'}: unused {declared - used}"
-        locals_declared = {
-            name
-            for path, body in files.items()
-            if str(Path(path).parent) == (module or ".")
-            for block in body.get("locals", [])
-            for name in block
-        }
+        locals_declared = declared_names(files, module, "locals")
         assert set(re.findall(r"\blocal\.(\w+)", text)) <= locals_declared
     region_variables = {
         name: body

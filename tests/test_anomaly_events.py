@@ -51,8 +51,8 @@ def test_each_anomaly_kind_becomes_a_prefect_event_a_log_line_and_a_stored_row(
     kind: str, changes: dict, prefect_api: str, ire_env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     from engine.runner import create_job
-    from flows.anomalies import anomaly_observer
-    from flows.observers import ObserverContext
+    from flows.anomalies import anomaly_observer, report_findings
+    from flows.observers import ObserverContext, Observers
 
     job_id = f"anomaly-{kind}-{uuid.uuid4().hex[:6]}"
     settings = load_settings()
@@ -60,7 +60,8 @@ def test_each_anomaly_kind_becomes_a_prefect_event_a_log_line_and_a_stored_row(
     try:
         job = create_job(store, JobSpec.parse({"problem": "sphere", "max_evaluations": 10_000}), job_id)
         logger = logging.getLogger("test.anomaly")
-        observer = anomaly_observer(job, ObserverContext(store, settings, logger, None))
+        context = ObserverContext(store, settings, logger, None)
+        observer = Observers(job, context, [anomaly_observer], report_findings)
         with caplog.at_level(logging.WARNING, logger="test.anomaly"):
             for record in normal_series(**changes):
                 observer(job, record)

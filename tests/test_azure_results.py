@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.spec import JobSpec
+from irefine.server import stop_process
 from tests.prefect_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,12 +66,7 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
         )
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, 10)
         log.close()
 
 

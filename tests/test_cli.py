@@ -246,12 +246,17 @@ def kill_at_cycle_5_then_resume(
     return rows, done_before, whole, killed
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env, tmp_path: Path) -> None:
+def killed_run_ends_like_a_whole_run(
+    ire_env: dict[str, str], tmp_path: Path, strategy: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run job ``whole`` with ``strategy`` uninterrupted, and job ``killed`` with the same spec
+    killed -9 after its fifth cycle and resumed; check the resumed job ends like the whole one and
+    nothing that finished before the kill was evaluated again (each candidate ran exactly once, the
+    batch in flight included); return the status of both."""
+
     def args(log: Path) -> list[str]:
         return ["--problem", "tests.problems_for_tests:Logged", "--problem-param", f"log={log}",
-                "--problem-param", "ms=60", "--strategy", "cmaes", "--batch-size", "8",
+                "--problem-param", "ms=60", "--strategy", strategy, "--batch-size", "8",
                 "--max-evaluations", "160", "--seed", "11"]  # fmt: skip
 
     whole_env = {**ire_env, "IRE_CACHE_NAMESPACE": "whole"}  # its own cache entries
@@ -264,10 +269,16 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env
     assert killed["evaluations"] == whole["evaluations"] == 160
     assert killed["best_score"] == whole["best_score"]
     assert killed["best_candidate"] == whole["best_candidate"]
-    # Nothing that finished before the kill was evaluated again: each candidate ran exactly once.
     evaluated = log.read_text().splitlines()
     assert len(evaluated) == len(set(evaluated)) == 160 and done_before > 5 * 8
     assert killed["cache_hits"] >= done_before - rows["killed"][3]
+    return whole, killed
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_resume_after_kill_9_ends_like_an_uninterrupted_run(prefect_api, ire_env, tmp_path: Path) -> None:
+    killed_run_ends_like_a_whole_run(ire_env, tmp_path, "cmaes")
 
 
 @pytest.mark.integration

@@ -86,6 +86,22 @@ def test_flow_resumes_a_job_by_id(prefect_api, ire_env) -> None:
     assert other.is_failed() and "another spec" in str(other.message or other.result(raise_on_failure=False))
 
 
+def test_a_refused_job_starts_no_executor(prefect_api, ire_env) -> None:
+    """The flow opens the job before it starts its executor: a spec refused under an existing job
+    id fails with that refusal, without trying the Dask scheduler (one nobody listens on here,
+    which would fail the run with a connection error instead)."""
+    from flows.refine import refine
+    from tests.prefect_server import free_port
+
+    spec = JobSpec.parse({"problem": "sphere", "strategy": "random", "batch_size": 4, "max_evaluations": 8})
+    first = refine(spec=spec, job_id="flow-refused", executor="local")
+    assert first.status == "completed"
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    other = spec.model_copy(update={"max_evaluations": 12})
+    state = refine(spec=other, job_id="flow-refused", dask_address=nobody, return_state=True)
+    assert state.is_failed() and "another spec" in str(state.message or state.result(raise_on_failure=False))
+
+
 def _task_states(flow_run_id) -> dict[str, str]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -18,7 +18,7 @@ from engine.execution import InProcessExecutor
 from engine.runner import create_job, resume_job, run_job
 from engine.store import JobStatus, JobStore
 from engine.strategies import make_strategy, restore_strategy
-from tests.test_cli import irefine, kill_at_cycle_5_then_resume
+from tests.test_cli import killed_run_ends_like_a_whole_run
 
 
 @pytest.fixture
@@ -172,26 +172,8 @@ def test_checkpoint_holds_the_batch_asked_ahead_and_resume_sends_it(store: JobSt
 def test_tpe_job_killed_with_sigkill_resumes_like_an_uninterrupted_run(
     prefect_api: str, ire_env: dict[str, str], tmp_path: Path
 ) -> None:
-    def args(log: Path) -> list[str]:
-        return ["--problem", "tests.problems_for_tests:Logged", "--problem-param", f"log={log}",
-                "--problem-param", "ms=60", "--strategy", "tpe", "--batch-size", "8",
-                "--max-evaluations", "160", "--seed", "11"]  # fmt: skip
-
-    whole_env = {**ire_env, "IRE_CACHE_NAMESPACE": "whole"}  # its own cache entries
-    full = irefine("run", *args(tmp_path / "whole.log"), "--job-id", "whole", env=whole_env)
-    assert full.returncode == 0, full.stdout + full.stderr
-
-    log = tmp_path / "killed.log"
-    rows, done_before, whole, killed = kill_at_cycle_5_then_resume(ire_env, args(log), log)
-    assert killed["status"] == "completed"
-    assert killed["evaluations"] == whole["evaluations"] == 160
+    whole, killed = killed_run_ends_like_a_whole_run(ire_env, tmp_path, "tpe")
     assert killed["cycles"] == whole["cycles"] == 20
-    assert killed["best_score"] == whole["best_score"]
-    assert killed["best_candidate"] == whole["best_candidate"]
-    # Nothing that finished before the kill ran again, the batch in flight included.
-    evaluated = log.read_text().splitlines()
-    assert len(evaluated) == len(set(evaluated)) == 160 and done_before > 5 * 8
-    assert killed["cache_hits"] >= done_before - rows["killed"][3]
 
 
 @pytest.mark.integration

@@ -74,13 +74,15 @@ def test_services_from_settings_run_a_job_on_their_store_and_cache(
         home=tmp_path, database_url=postgres_url, redis_url=redis_server.url, cache_namespace=namespace
     )
     lent = InProcessExecutor()
-    services = services_from_settings(settings, executor=lent)
+    unstarted = services_from_settings(settings, executor=lent)
+    services = unstarted.start()
     try:
         assert services.cache == CacheConfig.from_settings(settings)
         job = create_job(services.store, JobSpec.parse(SPEC), "svc-1")
         result = services.run(job, flow_run_id="run-1")
     finally:
         services.close()
+        unstarted.close()
     assert result.status is JobStatus.COMPLETED and result.progress.evaluations == 8
     with JobStore(postgres_url) as store:
         record = store.get_job("svc-1", fresh=True)

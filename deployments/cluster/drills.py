@@ -157,6 +157,14 @@ def submit_all(cluster: Cluster, plans: Sequence[JobPlan]) -> list[tuple[bool, f
         return asyncio.run(go())
 
 
+def _rows(engine: Any, sql: str, ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of ``sql``, a query on ``ANY(:ids)``, for ``ids``."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(text(sql), {"ids": list(ids)}).mappings()]
+
+
 @dataclass
 class StoreView:
     """The drill's jobs as the job store (primary) has them."""
@@ -172,43 +180,29 @@ class StoreView:
         self.prefect_engine = create_engine(self.cluster.database_url(PREFECT_DATABASE), pool_pre_ping=True)
 
     def jobs(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        from sqlalchemy import text
-
-        with contextlib.suppress(Exception), self.engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT id, status, cycles, best_score, best_candidate, flow_run_id FROM jobs "
-                    "WHERE id = ANY(:ids)"
-                ),
-                {"ids": list(job_ids)},
-            ).mappings()
-            return {row["id"]: dict(row) for row in rows}
+        with contextlib.suppress(Exception):
+            sql = (
+                "SELECT id, status, cycles, best_score, best_candidate, flow_run_id FROM jobs "
+                "WHERE id = ANY(:ids)"
+            )
+            return {row["id"]: row for row in _rows(self.engine, sql, job_ids)}
         return {}
 
     def flow_run_states(self, flow_run_ids: Sequence[str]) -> dict[str, str]:
         """Each flow run's state type, from Prefect's database (on the same PostgreSQL)."""
-        from sqlalchemy import text
-
-        with contextlib.suppress(Exception), self.prefect_engine.connect() as conn:
-            rows = conn.execute(
-                text("SELECT id::text AS id, state_type FROM flow_run WHERE id::text = ANY(:ids)"),
-                {"ids": list(flow_run_ids)},
-            ).mappings()
+        with contextlib.suppress(Exception):
+            sql = "SELECT id::text AS id, state_type FROM flow_run WHERE id::text = ANY(:ids)"
+            rows = _rows(self.prefect_engine, sql, flow_run_ids)
             return {row["id"]: str(row["state_type"]).rsplit(".", 1)[-1] for row in rows}
         return {}
 
     def cycles(self, job_ids: Sequence[str]) -> list[dict[str, Any]]:
-        from sqlalchemy import text
-
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT job_id, cycle, evaluations, failed, extract(epoch FROM finished_at) AS at "
-                    "FROM cycles WHERE job_id = ANY(:ids) ORDER BY finished_at"
-                ),
-                {"ids": list(job_ids)},
-            ).mappings()
-            return [dict(row) for row in rows]
+        return _rows(
+            self.engine,
+            "SELECT job_id, cycle, evaluations, failed, extract(epoch FROM finished_at) AS at "
+            "FROM cycles WHERE job_id = ANY(:ids) ORDER BY finished_at",
+            job_ids,
+        )
 
     def close(self) -> None:
         self.engine.dispose()

@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 
@@ -95,19 +95,21 @@ def signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def group_size(pgid: int) -> int:
-    """How many live processes group ``pgid`` has."""
-    count = 0
+def process_stats() -> Iterator[list[str]]:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, pgrp, ...) of every
+    process still readable."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            yield (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            count += 1
-    return count
+
+
+def group_size(pgid: int) -> int:
+    """How many live processes group ``pgid`` has."""
+    return sum(1 for fields in process_stats() if fields[0] != "Z" and int(fields[2]) == pgid)
 
 
 def group_alive(pgid: int) -> bool:

@@ -226,6 +226,28 @@ def decode_evaluation(raw: bytes | bytearray | memoryview | str, key: str | None
     return result
 
 
+def decode_found(
+    keys: Sequence[str], found: Callable[[int, str], bytes | str | None]
+) -> tuple[list[Evaluation | None], int, int]:
+    """The evaluations a look-up of ``keys`` found (``found(i, key)``: the raw entry, None on a
+    miss), in order, each key's entry decoded once (:func:`decode_evaluation`); with the number of
+    hits and of entries rejected."""
+    out: list[Evaluation | None] = []
+    hits = rejected = 0
+    decoded: dict[str, Evaluation | None] = {}
+    for i, key in enumerate(keys):
+        if key in decoded:
+            ev = decoded[key]
+        else:
+            raw = found(i, key)
+            ev = None if raw is None else decode_evaluation(raw, key)
+            rejected += raw is not None and ev is None
+            decoded[key] = ev
+        hits += ev is not None
+        out.append(ev)
+    return out, hits, rejected
+
+
 # -- statistics and the port ----------------------------------------------------------------------
 
 

@@ -25,9 +25,8 @@ from engine.cache.base import (
     CacheStats,
     CacheUnavailableError,
     Claim,
-    _decode,
-    _warn_rejected,
     check_ttl,
+    decode_found,
     encode_items,
     key_prefix,
     scoped_prefix,
@@ -72,6 +71,12 @@ _UPSERT: Final = (
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _chunks(keys: Sequence[str]) -> Iterator[Sequence[str]]:
+    """``keys`` in slices of at most ``_CHUNK`` (SQLite caps the parameters of one statement)."""
+    for start in range(0, len(keys), _CHUNK):
+        yield keys[start : start + _CHUNK]
 
 
 def _check_bound(value: int | None, what: str) -> int | None:
@@ -145,8 +150,7 @@ class EmbeddedCache:
         with self._lock:
             try:
                 conn = self._connection()
-                for start in range(0, len(unique), _CHUNK):
-                    chunk = unique[start : start + _CHUNK]
+                for chunk in _chunks(unique):
                     rows = conn.execute(
                         f"SELECT key, value, expires_at FROM entries WHERE key IN ({_marks(len(chunk))})",
                         chunk,
@@ -162,25 +166,7 @@ class EmbeddedCache:
                 return [None] * n
             self._succeeded()
             self._touch(conn, list(found), expired, now)
-        out: list[Evaluation | None] = []
-        hits = rejected = 0
-        decoded: dict[str, Evaluation | None] = {}
-        for key in keys:
-            if key in decoded:
-                ev = decoded[key]
-            elif key in found:
-                result = _decode(found[key])
-                if isinstance(result, str):
-                    _warn_rejected(key, result)
-                    rejected += 1
-                    ev = None
-                else:
-                    ev = result
-                decoded[key] = ev
-            else:
-                ev = None
-            hits += ev is not None
-            out.append(ev)
+        out, hits, rejected = decode_found(keys, lambda _, key: found.get(key))
         with self._lock:
             self._counters.add(hits=hits, misses=n - hits, rejected=rejected)
         return out
@@ -220,8 +206,7 @@ class EmbeddedCache:
             try:
                 conn = self._connection()
                 with self._transaction(conn):
-                    for start in range(0, len(unique), _CHUNK):
-                        chunk = unique[start : start + _CHUNK]
+                    for chunk in _chunks(unique):
                         marks = _marks(len(chunk))
                         for (key,) in conn.execute(
                             f"SELECT key FROM entries WHERE expires_at > ? AND key IN ({marks})",
@@ -251,8 +236,7 @@ class EmbeddedCache:
             try:
                 conn = self._connection()
                 with self._transaction(conn):
-                    for start in range(0, len(unique), _CHUNK):
-                        chunk = unique[start : start + _CHUNK]
+                    for chunk in _chunks(unique):
                         conn.execute(
                             f"DELETE FROM claims WHERE owner = ? AND key IN ({_marks(len(chunk))})",
                             [owner, *chunk],
@@ -344,14 +328,12 @@ class EmbeddedCache:
             return
         try:
             with self._transaction(conn):
-                for start in range(0, len(hits), _CHUNK):
-                    chunk = hits[start : start + _CHUNK]
+                for chunk in _chunks(hits):
                     conn.execute(
                         f"UPDATE entries SET last_used = ? WHERE key IN ({_marks(len(chunk))})",
                         [now, *chunk],
                     )
-                for start in range(0, len(expired), _CHUNK):
-                    chunk = expired[start : start + _CHUNK]
+                for chunk in _chunks(expired):
                     conn.execute(
                         f"DELETE FROM entries WHERE expires_at <= ? AND key IN ({_marks(len(chunk))})",
                         [now, *chunk],

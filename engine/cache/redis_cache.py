@@ -34,10 +34,9 @@ from engine.cache.base import (
     CacheStats,
     CacheUnavailableError,
     Claim,
-    _decode,
-    _warn_rejected,
     check_ttl,
     claim_key,
+    decode_found,
     encode_items,
     key_prefix,
     redact_url,
@@ -242,20 +241,7 @@ class RedisCache:
             self._counters.add(unavailable=n)
             return [None] * n
         self._succeeded()
-        out: list[Evaluation | None] = []
-        hits = rejected = 0
-        for key, raw in zip(keys, raws, strict=True):
-            if raw is None:
-                out.append(None)
-                continue
-            ev = _decode(raw)
-            if isinstance(ev, str):
-                _warn_rejected(key, ev)
-                rejected += 1
-                out.append(None)
-            else:
-                hits += 1
-                out.append(ev)
+        out, hits, rejected = decode_found(keys, lambda i, _: raws[i])
         self._counters.add(hits=hits, misses=n - hits, rejected=rejected)
         return out
 

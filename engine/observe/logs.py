@@ -1,7 +1,9 @@
 """Structured logs: every line carries the job id, the cycle and the flow run id.
 
-The loop binds the job and the cycle it is in (:func:`bind_log_context`, :func:`set_log_cycle`);
-the flow binds its run id. Those live in context variables, so a line logged anywhere in the
+The job is bound once per process path, by the outermost caller that runs it: the CLI's ``irefine
+run``/``resume``, else the ``refine`` flow (with its run id), else ``engine.runner.run_job``; the
+inner ones find it bound (:func:`bound_log_job`). The loop marks the cycle it is in
+(:func:`set_log_cycle`). Those live in context variables, so a line logged anywhere in the
 loop's thread (or a Prefect task run, which copies the context) knows them without being told.
 :class:`JsonLogFormatter` writes a line as one JSON object; :class:`RunContextFormatter` prefixes
 the message with ``[job J cycle C]`` for destinations whose records have fixed fields (Prefect's
@@ -27,6 +29,7 @@ __all__ = [
     "RunContextFormatter",
     "EngineFailureFilter",
     "bind_log_context",
+    "bound_log_job",
     "hide_engine_failures_on_console",
     "record_context",
     "set_log_cycle",
@@ -62,6 +65,11 @@ def bind_log_context(
         _cycle.set(previous[2])
 
     return undo
+
+
+def bound_log_job() -> str | None:
+    """The job bound to lines logged from this context (None if none is)."""
+    return _job_id.get()
 
 
 def set_log_cycle(cycle: int | None) -> None:
