@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deployments.cluster.procs import alive
+
 DELEGATED = ("run", "resume")
 """The commands a launcher runs (the others are quick to start, or must run in the caller)."""
 _ENV_PREFIXES = ("PREFECT_", "IRE_", "DASK_")
@@ -238,7 +240,7 @@ def serve(server_root: Path, server_pid: int, api_url: str) -> None:
         _reap(waiting)
         if time.monotonic() - last_check > 1.0:
             last_check = time.monotonic()
-            if not _alive(server_pid):
+            if not alive(server_pid):
                 return
             stale = stale or _stale(files)
             if stale and not waiting:
@@ -305,23 +307,13 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
             conn.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m irefine.launcher SERVER_ROOT SERVER_PID API_URL``: serve until the server stops;
     after a source change, start again as a new image (fresh imports)."""
     args = list(sys.argv[1:] if argv is None else argv)
     root, server_pid, api_url = Path(args[0]), int(args[1]), args[2]
     serve(root, server_pid, api_url)
-    if _alive(server_pid):  # the source changed: come back with fresh imports
+    if alive(server_pid):  # the source changed: come back with fresh imports
         _say("the project's source changed: starting again")
         os.execv(sys.executable, [sys.executable, "-m", "irefine.launcher", *args])
     socket_path(root).unlink(missing_ok=True)
