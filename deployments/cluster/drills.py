@@ -381,7 +381,6 @@ def _redis_down(seconds: float) -> Callable[[Cluster], None]:
         stop_group(cluster.pids["redis"])
         time.sleep(seconds)
         cluster.start_part("redis")
-        _restart_services(cluster)
 
     return inject
 

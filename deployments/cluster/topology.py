@@ -305,7 +305,10 @@ class Cluster:
                 env["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
             return [*command, "--no-services"], env, None
         if name in SERVICES:
-            return [*python, "prefect", "server", "services", "start"], self._server_env(name), None
+            env = self._server_env(name)
+            # INFO: the triggers log which automation covers which event (what a drill checks)
+            env["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
+            return [*python, "prefect", "server", "services", "start"], env, None
         if name == "balancer":
             config = self.folder / "haproxy.cfg"
             replicas = {n: self.ports[n] for n in API_REPLICAS}
