@@ -14,7 +14,9 @@ of :data:`POLL_LEASE_SECONDS`: a worker killed while holding it blocks the other
 expires the lease (within a minute or so), never for ever. A slot with no lease behind it (the
 server counted it in PostgreSQL but could not store its lease because Redis was down) would block
 every worker for ever: a worker refused its turn for longer than a lease can live frees the slot
-(:func:`free_orphaned_poll_slot`). Start workers with ``irefine worker``, which uses these classes.
+(:func:`free_orphaned_poll_slot`); one whose own request for a turn failed with a server error
+(it may be that slot's owner) frees it at its next refusal. Start workers with ``irefine
+worker``, which uses these classes.
 """
 
 from __future__ import annotations
@@ -120,22 +122,33 @@ class PollTurns:
         super().__init__(*args, **kwargs)
         self._pending_answered: set[UUID] = set()
         self._refused_since: float | None = None  # monotonic time of the first refused turn in a row
+        # Our last request for a turn failed with a server error: the server may have counted
+        # the slot and lost its lease (Redis down), leaving an orphan only we can know is ours.
+        self._may_own_orphan = False
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
         # Answers of runs no longer being submitted are not needed any more.
         self._pending_answered &= self._submitting_flow_run_ids
-        lease_id = await take_poll_turn(self.client, self.poll_wait_seconds)
+        try:
+            lease_id = await take_poll_turn(self.client, self.poll_wait_seconds)
+        except httpx.HTTPStatusError as exc:
+            self._may_own_orphan = self._may_own_orphan or exc.response.status_code >= 500
+            raise
         if lease_id is None:
             now = time.monotonic()
             self._refused_since = self._refused_since or now - self.poll_wait_seconds
-            if now - self._refused_since > self.orphan_after_seconds:
+            if self._may_own_orphan or now - self._refused_since > self.orphan_after_seconds:
                 self._logger.warning(
-                    "%r held for %.0f s, longer than any lease lives: freeing its orphaned slot",
+                    "%r held for %.0f s%s: freeing its orphaned slot",
                     POLL_LIMIT,
                     now - self._refused_since,
+                    " after our request for it failed"
+                    if self._may_own_orphan
+                    else ", longer than any lease lives",
                 )
                 await free_orphaned_poll_slot(self.client)
                 self._refused_since = None
+                self._may_own_orphan = False
             self._logger.warning(
                 "Skipping this poll: another worker kept %r for %.0f s (a killed worker's lease"
                 " lapses within %.0f s)",
@@ -145,6 +158,7 @@ class PollTurns:
             )
             return []
         self._refused_since = None
+        self._may_own_orphan = False
         try:
             before = set(self._submitting_flow_run_ids)
             runs: list[FlowRun] = await super().get_and_submit_flow_runs()  # type: ignore[misc]
