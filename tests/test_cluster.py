@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900
 
 ROOT = Path(__file__).resolve().parent.parent
 DRILL_JOBS = 2
-DRILL_CYCLES = 6
+DRILL_CYCLES = 12  # long enough that every job is still running when the fault hits
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -64,6 +64,7 @@ def cluster() -> Iterator[Cluster]:
 def _assert_drill(figures: dict[str, Any], recovery_limit: float) -> None:
     assert figures["jobs_started"] == DRILL_JOBS, figures
     assert figures["jobs_completed"] == DRILL_JOBS, figures
+    assert figures["jobs_running_at_fault"] == DRILL_JOBS, figures  # the fault hit every job
     assert figures["results_equal"] is True, figures
     assert figures["evaluations_lost"] == 0, figures
     assert figures["duplicate_cycles"] == 0, figures

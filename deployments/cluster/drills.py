@@ -7,6 +7,7 @@ cycle, injects the fault, repairs what a human or a supervisor would (some fault
 and waits for every job to end. It reports, for :func:`run_drill`'s JSON:
 
 - ``jobs_started`` / ``jobs_completed``: jobs with a store record / with status completed;
+  ``jobs_running_at_fault``: those the fault hit (still running when it was injected);
 - ``results_equal``: every job's best score and candidate equal those of an uninterrupted run
   with the same spec and seed (computed once, in process, by :func:`reference_results`);
 - ``evaluations_lost``: evaluations the job's budget asked for that no committed cycle holds,
@@ -357,6 +358,7 @@ def run_drill(
     return {
         "jobs_started": len(after),
         "jobs_completed": sum(1 for j in after.values() if j["status"] == "completed"),
+        "jobs_running_at_fault": len(affected),
         "results_equal": equal,
         "evaluations_lost": lost,
         "duplicate_cycles": stored_twice + _refused_commits(cluster, offsets),
