@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,33 @@ def _assert_drill(figures: dict[str, Any], recovery_limit: float) -> None:
     assert figures["recovery_s"] is not None and figures["recovery_s"] <= recovery_limit, figures
 
 
+def _set_automation(cluster: Cluster, knob: str, value: timedelta) -> None:
+    """Give the automation that ``knob`` of the policy drives a shorter timeout on the cluster."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.automations import (
+        CRASH_SILENT,
+        STUCK_PENDING,
+        AutomationPolicy,
+        automation_specs,
+        ensure_automation,
+    )
+    from deployments.setup import SetupReport
+
+    name = {"heartbeat_timeout": CRASH_SILENT, "pending_timeout": STUCK_PENDING}[knob]
+    wanted = next(a for a in automation_specs(None, AutomationPolicy(**{knob: value})) if a.name == name)
+
+    async def go() -> None:
+        async with get_client() as client:
+            await ensure_automation(client, SetupReport(), wanted, "test")
+
+    with temporary_settings(updates={PREFECT_API_URL: cluster.api_url}):
+        asyncio.run(go())
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as another user only when we are root")
 def test_up_refuses_a_folder_postgres_cannot_reach(tmp_path: Path) -> None:
     hidden = tmp_path / "private"
@@ -113,6 +141,10 @@ def test_drill_api_replica_kill(cluster: Cluster) -> None:
 
 
 def test_drill_lost_node(cluster: Cluster) -> None:
+    # The node's flow-run processes die with it, so nobody reports their runs Crashed: the
+    # crash-silent automation does after a heartbeat timeout, here 60 s (two of the runs' 30-s
+    # heartbeats) instead of setup's 90 s, then the resume automation reschedules them.
+    _set_automation(cluster, "heartbeat_timeout", timedelta(seconds=60))
     figures = run_drill(cluster, "node_loss", DRILLS["node_loss"], jobs=DRILL_JOBS, cycles=DRILL_CYCLES)
     _assert_drill(figures, recovery_limit=150)
     assert cluster.health("node-a") == "ok" and cluster.health("node-b") == "ok"

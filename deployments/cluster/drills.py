@@ -299,8 +299,11 @@ def run_drill(
 
         def all_running() -> bool:
             found = store.jobs(ids)
+            # Every job has committed a cycle (a job still pending has not started: the fault
+            # would not hit it), or has ended already.
             return len(found) == len(ids) and all(
-                j["cycles"] >= 1 or j["status"] != "running" for j in found.values()
+                j["cycles"] >= 1 or j["status"] in ("completed", "failed", "cancelled")
+                for j in found.values()
             )
 
         wait_until(all_running, 420, lambda: f"{name}: the jobs did not all start within 420 s")
