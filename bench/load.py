@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="use the running cluster of this folder (left running)")
     args = parser.parse_args()
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # The jobs run tests.problems_for_tests through deployment runs: the nodes' allow-list.
+    os.environ.setdefault("IRE_PROBLEM_MODULES", "tests")
     from deployments.cluster import Cluster
 
     if args.dir:
