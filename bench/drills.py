@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated drill names (default: all): " + ", ".join(DRILLS))
     parser.add_argument("--jobs", type=int, default=4, help="jobs per drill, over the four queues")
     parser.add_argument("--cycles", type=int, default=16, help="cycles per job")
+    parser.add_argument("--timeout", type=float, default=420.0, help="seconds a drill waits for its jobs")
     parser.add_argument(
         "--dir", type=Path, help="use the running cluster of this folder (left running) instead of a new one"
     )
@@ -48,6 +49,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown drills {unknown}; known: {', '.join(DRILLS)}")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # The drills' jobs run tests.problems_for_tests through deployment runs: the nodes' allow-list.
+    os.environ.setdefault("IRE_PROBLEM_MODULES", "tests")
     if args.dir:
         cluster = Cluster(args.dir, log=log)
         if not cluster.state.get("ports"):
@@ -66,7 +69,13 @@ def main() -> None:
             log(f"drill {name}")
             try:
                 figures[name] = run_drill(
-                    cluster, name, DRILLS[name], jobs=args.jobs, cycles=args.cycles, log=log
+                    cluster,
+                    name,
+                    DRILLS[name],
+                    jobs=args.jobs,
+                    cycles=args.cycles,
+                    timeout=args.timeout,
+                    log=log,
                 )
             except Exception as exc:  # one failed drill must not hide the others' figures
                 figures[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}

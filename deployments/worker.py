@@ -11,8 +11,12 @@ the runs it was given to Pending, the next query still sees them Scheduled and t
 ``irefine-worker-poll`` (``irefine setup`` creates it) from before its query until every run the
 query gave it is Pending (or refused), and only then lets the next worker poll. The slot is a lease
 of :data:`POLL_LEASE_SECONDS`: a worker killed while holding it blocks the others until the server
-expires the lease (within a minute or so), never for ever. Start workers with ``irefine worker``,
-which uses these classes.
+expires the lease (within a minute or so), never for ever. A slot with no lease behind it (the
+server counted it in PostgreSQL but could not store its lease because Redis was down) would block
+every worker for ever: a worker refused its turn for longer than a lease can live frees the slot
+(:func:`free_orphaned_poll_slot`); one whose own request for a turn failed with a server error
+(it may be that slot's owner) frees it at its next refusal. Start workers with ``irefine
+worker``, which uses these classes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 
 POLL_LEASE_SECONDS = 60.0  # the server's minimum lease; a turn lasts well under a second
 POLL_WAIT_SECONDS = 30.0  # a turn not granted by then: skip this poll (a dead holder's lease lapses)
+ORPHAN_AFTER_SECONDS = POLL_LEASE_SECONDS + POLL_WAIT_SECONDS  # no live lease is that old
 PENDING_WAIT_SECONDS = 20.0  # Pending proposals not answered by then: end the turn anyway
 _RETRY_SECONDS = 0.05  # between requests for a taken turn; a turn lasts a few API calls
 
@@ -74,6 +79,16 @@ async def end_poll_turn(client: PrefectClient, lease_id: UUID) -> None:
         await client.release_concurrency_slots_with_lease(lease_id)
 
 
+async def free_orphaned_poll_slot(client: PrefectClient) -> None:
+    """Set the poll limit's active slots to 0: called only after the turn was refused for longer
+    than any lease lives (:data:`ORPHAN_AFTER_SECONDS`), so the slot held has no lease that will
+    ever release or expire it (an increment the server committed while its lease storage, Redis,
+    was down). Two workers doing it at once is harmless."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    await client.update_global_concurrency_limit(POLL_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
 async def check_poll_limit(client: PrefectClient) -> None:
     """Raise :class:`PollLimitMissing` unless ``irefine setup`` created the poll limit."""
     from prefect.exceptions import ObjectNotFound
@@ -101,16 +116,39 @@ class PollTurns:
 
     poll_wait_seconds: float = POLL_WAIT_SECONDS
     pending_wait_seconds: float = PENDING_WAIT_SECONDS
+    orphan_after_seconds: float = ORPHAN_AFTER_SECONDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pending_answered: set[UUID] = set()
+        self._refused_since: float | None = None  # monotonic time of the first refused turn in a row
+        # Our last request for a turn failed with a server error: the server may have counted
+        # the slot and lost its lease (Redis down), leaving an orphan only we can know is ours.
+        self._may_own_orphan = False
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
         # Answers of runs no longer being submitted are not needed any more.
         self._pending_answered &= self._submitting_flow_run_ids
-        lease_id = await take_poll_turn(self.client, self.poll_wait_seconds)
+        try:
+            lease_id = await take_poll_turn(self.client, self.poll_wait_seconds)
+        except httpx.HTTPStatusError as exc:
+            self._may_own_orphan = self._may_own_orphan or exc.response.status_code >= 500
+            raise
         if lease_id is None:
+            now = time.monotonic()
+            self._refused_since = self._refused_since or now - self.poll_wait_seconds
+            if self._may_own_orphan or now - self._refused_since > self.orphan_after_seconds:
+                self._logger.warning(
+                    "%r held for %.0f s%s: freeing its orphaned slot",
+                    POLL_LIMIT,
+                    now - self._refused_since,
+                    " after our request for it failed"
+                    if self._may_own_orphan
+                    else ", longer than any lease lives",
+                )
+                await free_orphaned_poll_slot(self.client)
+                self._refused_since = None
+                self._may_own_orphan = False
             self._logger.warning(
                 "Skipping this poll: another worker kept %r for %.0f s (a killed worker's lease"
                 " lapses within %.0f s)",
@@ -119,6 +157,8 @@ class PollTurns:
                 POLL_LEASE_SECONDS,
             )
             return []
+        self._refused_since = None
+        self._may_own_orphan = False
         try:
             before = set(self._submitting_flow_run_ids)
             runs: list[FlowRun] = await super().get_and_submit_flow_runs()  # type: ignore[misc]

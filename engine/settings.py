@@ -38,6 +38,13 @@ class Settings(BaseSettings):
         description="hash partitions of the growing tables when the store creates them, or rebuilds "
         "plain ones, on PostgreSQL; 0: plain tables",
     )
+    database_retry_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="how long a PostgreSQL store call retries a refused or reset connection or a "
+        "read-only session (a restart, a promotion) before it fails; 0: no retry",
+    )
     dask_address: str | None = Field(None, description="existing Dask scheduler; default: a LocalCluster")
     dask_workers: int | None = Field(None, ge=1, description="LocalCluster workers; default: CPU count")
     dask_worker_memory: str | None = Field(

@@ -7,6 +7,9 @@ names, so the installer depends on the flow and never the reverse.
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
@@ -19,6 +22,74 @@ EVALUATIONS_LIMIT = "irefine-evaluations"
 JOB_SLOT_LEASE_SECONDS = 60.0
 """A killed flow process frees its running-jobs slot after at most this long (the lease is renewed
 while the job runs); Prefect's default of 300 s would hold back the resumed run that long."""
+
+SLOT_RETRY_SECONDS = 60.0
+"""How long taking a slot retries the server's transient errors: a 5xx while its database restarts
+or fails over, or while Redis (the lease storage) is down, must not fail the run."""
+
+_log = logging.getLogger(__name__)
+released_slot_failures = 0
+"""Slot releases that failed (counted; the slot's lease then lapses on the server by itself)."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A server error (5xx) or a broken connection somewhere in ``exc``'s causes."""
+    import httpx
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, httpx.HTTPStatusError) and seen.response.status_code >= 500:
+            return True
+        if isinstance(seen, httpx.TransportError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    # Prefect may wrap the response's status into the message only ("...: 500 Internal Server Error").
+    return re.search(r": 5\d\d [A-Z]", str(exc)) is not None
+
+
+@contextlib.contextmanager
+def _held_slots(name: str, occupy: int = 1) -> Iterator[None]:
+    """Hold ``occupy`` slots of the global limit ``name`` (strict, leased, renewal failures
+    tolerated). Taking them retries transient server errors for :data:`SLOT_RETRY_SECONDS`; a
+    failed release is logged and counted, not raised: the run's work is done and the lease, no
+    longer renewed, lapses on the server within :data:`JOB_SLOT_LEASE_SECONDS`."""
+    global released_slot_failures
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
+
+    deadline = time.monotonic() + SLOT_RETRY_SECONDS
+    delay = 0.5
+    while True:
+        holder = concurrency(
+            name,
+            occupy=occupy,
+            strict=True,
+            lease_duration=JOB_SLOT_LEASE_SECONDS,
+            # A failed renewal (an API hiccup) must not kill a running job.
+            raise_on_lease_renewal_failure=False,
+        )
+        try:
+            holder.__enter__()
+            break
+        except ConcurrencySlotAcquisitionError as exc:
+            if not _is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            _log.warning("taking a slot of %s: %s; retrying in %.1f s", name, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    try:
+        yield
+    except BaseException as exc:
+        holder.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    else:
+        try:
+            holder.__exit__(None, None, None)
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            released_slot_failures += 1
+            _log.warning("releasing the slot of %s failed (%s); its lease lapses on the server", name, exc)
 
 
 @contextlib.contextmanager
@@ -36,19 +107,10 @@ def running_job_slot(deployed: bool) -> Iterator[None]:
         yield
         return
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-    from prefect.concurrency.sync import concurrency
 
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(
-                concurrency(
-                    RUNNING_JOBS_LIMIT,
-                    strict=True,
-                    lease_duration=JOB_SLOT_LEASE_SECONDS,
-                    # A failed renewal (an API hiccup) must not kill a running job.
-                    raise_on_lease_renewal_failure=False,
-                )
-            )
+            held.enter_context(_held_slots(RUNNING_JOBS_LIMIT))
         except ConcurrencySlotAcquisitionError as exc:
             raise SpecError(f"{exc}: run `irefine setup` against this Prefect server") from None
         yield
@@ -63,7 +125,6 @@ def evaluation_slots(deployed: bool) -> EvaluationSlots | None:
     if not deployed:
         return None
     from prefect import get_client
-    from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
@@ -73,12 +134,6 @@ def evaluation_slots(deployed: bool) -> EvaluationSlots | None:
             raise SpecError(f"no global limit {EVALUATIONS_LIMIT!r}: run `irefine setup`") from None
 
     def hold(shards: int) -> AbstractContextManager[None]:
-        return concurrency(
-            EVALUATIONS_LIMIT,
-            occupy=max(1, min(limit, shards)),
-            strict=True,
-            lease_duration=JOB_SLOT_LEASE_SECONDS,
-            raise_on_lease_renewal_failure=False,
-        )
+        return _held_slots(EVALUATIONS_LIMIT, occupy=max(1, min(limit, shards)))
 
     return hold

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900
 
 ROOT = Path(__file__).resolve().parent.parent
 DRILL_JOBS = 2
-DRILL_CYCLES = 10
+DRILL_CYCLES = 12  # long enough that every job is still running when the fault hits
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -61,22 +62,41 @@ def cluster() -> Iterator[Cluster]:
         allow.undo()
 
 
-# Known defect (drills node_loss, redis_stop_30s on 2026-12-07): in this topology no services
-# process consumes Prefect's events for the automation triggers (the reactive-triggers group on the
-# `events` stream has no live consumer), so no automation fires: a crashed run is never resumed and
-# a stuck Pending run never rescheduled. Not run until that is fixed (each would wait 7 minutes).
-_NO_AUTOMATIONS = pytest.mark.xfail(
-    run=False, strict=True, reason="automation triggers have no events consumer in the HA topology"
-)
-
-
 def _assert_drill(figures: dict[str, Any], recovery_limit: float) -> None:
     assert figures["jobs_started"] == DRILL_JOBS, figures
     assert figures["jobs_completed"] == DRILL_JOBS, figures
+    assert figures["jobs_running_at_fault"] == DRILL_JOBS, figures  # the fault hit every job
     assert figures["results_equal"] is True, figures
     assert figures["evaluations_lost"] == 0, figures
     assert figures["duplicate_cycles"] == 0, figures
     assert figures["recovery_s"] is not None and figures["recovery_s"] <= recovery_limit, figures
+
+
+def _set_automation(cluster: Cluster, knob: str, value: timedelta) -> None:
+    """Give the automation that ``knob`` of the policy drives a shorter timeout on the cluster."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.automations import (
+        CRASH_SILENT,
+        STUCK_PENDING,
+        AutomationPolicy,
+        automation_specs,
+        ensure_automation,
+    )
+    from deployments.setup import SetupReport
+
+    name = {"heartbeat_timeout": CRASH_SILENT, "pending_timeout": STUCK_PENDING}[knob]
+    wanted = next(a for a in automation_specs(None, AutomationPolicy(**{knob: value})) if a.name == name)
+
+    async def go() -> None:
+        async with get_client() as client:
+            await ensure_automation(client, SetupReport(), wanted, "test")
+
+    with temporary_settings(updates={PREFECT_API_URL: cluster.api_url}):
+        asyncio.run(go())
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as another user only when we are root")
@@ -120,25 +140,27 @@ def test_drill_api_replica_kill(cluster: Cluster) -> None:
     assert cluster.health("api-a") == "ok"  # repaired for the next drill
 
 
-@_NO_AUTOMATIONS
 def test_drill_lost_node(cluster: Cluster) -> None:
+    # The node's flow-run processes die with it, so nobody reports their runs Crashed: the
+    # crash-silent automation does after a heartbeat timeout, here 60 s (two of the runs' 30-s
+    # heartbeats) instead of setup's 90 s, then the resume automation reschedules them.
+    _set_automation(cluster, "heartbeat_timeout", timedelta(seconds=60))
     figures = run_drill(cluster, "node_loss", DRILLS["node_loss"], jobs=DRILL_JOBS, cycles=DRILL_CYCLES)
     _assert_drill(figures, recovery_limit=150)
     assert cluster.health("node-a") == "ok" and cluster.health("node-b") == "ok"
 
 
-@_NO_AUTOMATIONS
 def test_drill_redis_stop(cluster: Cluster) -> None:
     # 10 s down instead of the benchmark's 30 s: the same path (AOF reload, clients reconnect).
-    # While Redis is down the API answers 500 to lease calls (lease storage is in Redis); a flow
-    # whose slot release fails exits, its worker reports it Crashed and the resume automation
-    # reruns it from its checkpoint 20 s later: recovery is that path, not the 30 s goal.
+    # While Redis is down the API answers 500 to lease calls (lease storage is in Redis): a flow
+    # whose slot release fails exits, its worker reports it Crashed, the triggers (reconnected
+    # by themselves) see it and the resume automation reruns it from its checkpoint 20 s later;
+    # a poll slot the server counted without storing its lease is freed by the worker that asked.
     fault = Fault(_redis_down(10.0))
     figures = run_drill(cluster, "redis_stop", fault, jobs=DRILL_JOBS, cycles=DRILL_CYCLES)
     _assert_drill(figures, recovery_limit=150)
 
 
-@_NO_AUTOMATIONS
 def test_run_stuck_in_pending_is_rescheduled(cluster: Cluster) -> None:
     """A run a worker claimed (Pending) and never started (the worker died: upstream #18933) is
     rescheduled by the automation and then run by a live worker."""

@@ -181,6 +181,31 @@ def test_a_turn_kept_by_another_worker_skips_the_poll(pool: Pool) -> None:
     _call(go)
 
 
+def test_a_poll_slot_without_a_lease_is_freed_after_the_longest_lease(pool: Pool) -> None:
+    """A slot the server counted but whose lease it never stored (Redis down at that moment)
+    blocks every worker; one refused for longer than any lease lives frees it and polls again."""
+    from deployments.worker import POLL_LIMIT, end_poll_turn, take_poll_turn
+
+    async def go(client: Any) -> None:
+        urgent = await _create_runs(client, pool, "first", 1)
+        # A plain increment: the slot is held with no lease that could release or expire it.
+        await client.increment_concurrency_slots(names=[POLL_LIMIT], slots=1, mode="concurrency")
+        try:
+            async with _worker(pool, poll_wait_seconds=0.5) as worker:
+                worker.orphan_after_seconds = 0.8
+                with anyio.fail_after(30):
+                    assert await worker.get_and_submit_flow_runs() == []  # refused 0.5 s
+                    assert await worker.get_and_submit_flow_runs() == []  # refused 1 s: freed
+                    taken = await worker.get_and_submit_flow_runs()
+            assert [run.id for run in taken] == urgent
+        finally:
+            lease = await take_poll_turn(client, wait_seconds=5)
+            assert lease is not None  # nothing left held
+            await end_poll_turn(client, lease)
+
+    _call(go)
+
+
 def _irefine_worker(api_url: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "irefine", "worker", *args],

@@ -49,7 +49,6 @@ API_START_TIMEOUT = 180.0  # a replica took 83 s on this 2-core machine at load 
 PART_TIMEOUT = 60.0
 SETTLE_SECONDS = 5.0
 STOP_SECONDS = 15.0
-CONSUMER_IDLE_MS = 180_000
 
 # Every server setting whose default lives in one process's memory (notes/prefect-3.9-facts.md
 # section 10; checked against prefect 3.9.1's settings: these six are all the in-memory ones).
@@ -305,7 +304,10 @@ class Cluster:
                 env["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
             return [*command, "--no-services"], env, None
         if name in SERVICES:
-            return [*python, "prefect", "server", "services", "start"], self._server_env(name), None
+            env = self._server_env(name)
+            # INFO: the triggers log which automation covers which event (what a drill checks)
+            env["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
+            return [*python, "prefect", "server", "services", "start"], env, None
         if name == "balancer":
             config = self.folder / "haproxy.cfg"
             replicas = {n: self.ports[n] for n in API_REPLICAS}
@@ -475,19 +477,24 @@ class Cluster:
             return s.recv(16).startswith(b"+PONG")
         return False
 
-    def _triggers_consumers(self) -> int:
-        """Live consumers of the automation triggers' group on Prefect's ``events`` stream in Redis."""
+    def _triggers_backlog(self) -> str:
+        """The automation triggers' consumer group on Prefect's ``events`` stream in Redis: its
+        consumers and its lag (events not yet read by any of them). Redis 7.0 reports a consumer's
+        idle time since its last *delivery*, so an idle count says nothing on a quiet cluster
+        (it misled an earlier diagnosis); the lag does: 0 means the triggers keep up."""
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=self.ports["redis"], socket_timeout=2)
         try:
-            consumers = client.xinfo_consumers("events", "reactive-triggers")
-        except redis.RedisError:
-            return 0
+            groups = {g["name"]: g for g in client.xinfo_groups("events")}
+        except redis.RedisError as exc:
+            return f"unknown ({type(exc).__name__})"
         finally:
             client.close()
-        # A dead consumer stays listed; a live one reads every few seconds (heartbeat events).
-        return sum(1 for c in consumers if int(c["idle"]) < CONSUMER_IDLE_MS)
+        group = groups.get(b"reactive-triggers") or groups.get("reactive-triggers")
+        if group is None:
+            return "no consumer group"
+        return f"{group['consumers']} consumers, lag {group.get('lag')}"
 
     def _dask_workers(self) -> int:
         """Workers the scheduler knows, from the supervisor's worker logs (no client import)."""
@@ -519,9 +526,8 @@ class Cluster:
             elif name in API_REPLICAS:
                 role = f"balancer: {states.get(name, 'unknown')}"
             elif name in SERVICES:
-                # Automations fire only while some services process consumes events for the
-                # triggers; seen missing in this topology (README "Running highly available").
-                role = f"triggers consumers: {self._triggers_consumers()}"
+                # Automations fire only while some services process consumes events for the triggers.
+                role = f"triggers: {self._triggers_backlog()}"
             parts.append(
                 {
                     "name": name,

@@ -9,11 +9,13 @@ use, so after a promotion the next checkout connects to the new primary.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
@@ -28,9 +30,16 @@ from sqlalchemy.exc import (
 from engine.core.errors import EngineError, SpecError
 from engine.store.values import StoreError, StoreUnavailableError
 
-__all__ = ["database_errors", "first_line", "make_engine", "redact"]
+__all__ = ["database_errors", "first_line", "make_engine", "redact", "retry_transient"]
 
 _SQLITE_BUSY_MS = 30_000
+RETRY_SECONDS = 30.0
+"""How long a PostgreSQL store call retries a transient error (a restart, a promotion) by default."""
+# SQLSTATEs of a server going away or of a session on a node that is no longer the primary:
+# 25006 read-only transaction (a standby, or a demoted primary), 57P01-57P03 shutdown/starting up.
+_TRANSIENT_SQLSTATES = {"25006", "57P01", "57P02", "57P03", "40001", "40P01"}
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
 # scheme://[userinfo@]host:port,host:port[/db][?query]: libpq's multi-host form, which
 # make_url cannot parse (it reads "port,host:port" as the port).
 _MULTI_HOST = re.compile(
@@ -125,10 +134,42 @@ def database_errors(what: str) -> Iterator[None]:
     except (OperationalError, InterfaceError) as exc:
         raise StoreUnavailableError(f"{what}: {_db_message(exc)}") from exc
     except DBAPIError as exc:
-        cls = StoreUnavailableError if exc.connection_invalidated else StoreError
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        transient = (
+            exc.connection_invalidated or sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
+        )
+        cls = StoreUnavailableError if transient else StoreError
         raise cls(f"{what}: {_db_message(exc)}") from exc
     except SQLAlchemyError as exc:
         raise StoreError(f"{what}: {first_line(str(exc))}") from exc
+
+
+def retry_transient(
+    call: Callable[[], T], *, seconds: float, reset: Callable[[], None], what: str = "job store"
+) -> T:
+    """``call()``, retried while it raises :class:`StoreUnavailableError` for up to ``seconds``
+    (backoff 0.1 s doubling to 2 s), calling ``reset`` (drop pooled connections: they may point
+    at a node that is gone or no longer primary) before each retry. Then the last error is raised
+    again, saying how long it was retried. Each retry is logged."""
+    deadline = time.monotonic() + seconds
+    delay = 0.1
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except StoreUnavailableError as exc:
+            attempt += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if attempt == 1:
+                    raise
+                raise StoreUnavailableError(
+                    f"{exc} (still failing after {attempt} tries in {seconds:g} s)"
+                ) from exc
+            _log.warning("%s: %s; retry %d in %.1f s", what, exc, attempt, min(delay, left))
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+            reset()
 
 
 def first_line(message: str) -> str:

@@ -15,11 +15,12 @@ to the shard's replica when one is configured; reads that resume a job always go
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import wraps
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import orjson
 from sqlalchemy import Connection, Engine, delete, insert, select, update
@@ -42,7 +43,7 @@ from engine.store.codec import (
     stored_evaluations,
     utc,
 )
-from engine.store.engines import database_errors, make_engine
+from engine.store.engines import RETRY_SECONDS, database_errors, make_engine, retry_transient
 from engine.store.schema import DEFAULT_PARTITIONS, create_schema
 from engine.store.tables import ANOMALIES, CHECKPOINTS, CYCLES, EVALUATION_BATCHES, JOBS
 from engine.store.values import (
@@ -62,6 +63,26 @@ if TYPE_CHECKING:
 __all__ = ["JobStore", "shard_index"]
 
 _MAX_JOB_ID = 200
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _retried(method: Callable[P, R]) -> Callable[P, R]:
+    """A store method that retries transient PostgreSQL errors (a restart, a promotion: refused or
+    reset connections, a read-only session on a demoted primary) for the store's
+    ``retry_seconds``, then raises :class:`StoreUnavailableError` saying so. Each retry runs the
+    whole call again in a new transaction: a transaction either committed or did nothing."""
+
+    @wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        store: JobStore = args[0]  # type: ignore[assignment]
+        if store.retry_seconds <= 0 or not store._retries:
+            return method(*args, **kwargs)
+        return retry_transient(
+            lambda: method(*args, **kwargs), seconds=store.retry_seconds, reset=store._drop_connections
+        )
+
+    return call
 
 
 def shard_index(job_id: str, shard_count: int) -> int:
@@ -96,6 +117,7 @@ class JobStore:
         replica_url: str | Sequence[str | None] | None = None,
         *,
         partitions: int = DEFAULT_PARTITIONS,
+        retry_seconds: float = RETRY_SECONDS,
     ) -> None:
         primaries = [url] if isinstance(url, str) else list(url)
         replicas = [replica_url] if replica_url is None or isinstance(replica_url, str) else list(replica_url)
@@ -111,6 +133,7 @@ class JobStore:
         if partitions < 0:
             raise SpecError(f"IRE_DATABASE_PARTITIONS={partitions}: use 0 (plain tables) or more")
         self._shards: list[_Shard] = []
+        self.retry_seconds = retry_seconds
         try:
             for index, (primary, replica) in enumerate(zip(primaries, replicas, strict=True)):
                 label, replica_label = _labels(index, len(primaries))
@@ -123,14 +146,21 @@ class JobStore:
         except BaseException:
             self.close()
             raise
+        # SQLite waits out a busy database itself (busy_timeout); PostgreSQL errors are retried.
+        self._retries = any(s.primary.dialect.name == "postgresql" for s in self._shards)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
         """The store the settings name (``IRE_DATABASE_URL`` or ``IRE_DATABASE_SHARDS``,
-        ``IRE_DATABASE_REPLICA_URL``, ``IRE_DATABASE_PARTITIONS``)."""
+        ``IRE_DATABASE_REPLICA_URL``, ``IRE_DATABASE_PARTITIONS``, ``IRE_DATABASE_RETRY_SECONDS``)."""
         shards = settings.database_shard_urls()
         replicas = settings.database_replica_urls(len(shards))
-        return cls(shards, replicas, partitions=settings.database_partitions)
+        return cls(
+            shards,
+            replicas,
+            partitions=settings.database_partitions,
+            retry_seconds=settings.database_retry_seconds,
+        )
 
     @property
     def url(self) -> str:
@@ -145,6 +175,14 @@ class JobStore:
     def shard_of(self, job_id: str) -> int:
         """The shard (0-based index into :attr:`shard_urls`) that holds ``job_id``."""
         return shard_index(job_id, len(self._shards))
+
+    def _drop_connections(self) -> None:
+        """Forget pooled connections (before a retry): they may lead to a node that is gone or no
+        longer the primary; new ones find the primary through the URL's host list."""
+        for shard in self._shards:
+            shard.primary.dispose()
+            if shard.replica is not None:
+                shard.replica.dispose()
 
     def close(self) -> None:
         """Close every pooled connection; the store must not be used afterwards."""
@@ -163,6 +201,7 @@ class JobStore:
 
     # -- jobs -----------------------------------------------------------------------------------
 
+    @_retried
     def create_job(self, job_id: str, spec: JobSpec) -> JobRecord:
         """Record a new pending job; raise :class:`JobExistsError` if the id is taken."""
         if not job_id or len(job_id) > _MAX_JOB_ID or job_id != job_id.strip():
@@ -204,6 +243,7 @@ class JobStore:
                 ) from None
         return record
 
+    @_retried
     def get_job(self, job_id: str, *, fresh: bool = False) -> JobRecord:
         """The job ``job_id``, from the replica unless ``fresh``; raise :class:`JobNotFoundError`."""
         with database_errors(f"cannot read job {job_id!r}"), self._reader(job_id, fresh).connect() as conn:
@@ -212,6 +252,7 @@ class JobStore:
             raise not_found(job_id)
         return job_record(row)
 
+    @_retried
     def list_jobs(self, limit: int = 50, *, fresh: bool = False) -> list[JobRecord]:
         """Up to ``limit`` jobs of all shards, newest first, from the replicas unless ``fresh``."""
         if limit < 1:
@@ -225,6 +266,7 @@ class JobStore:
             records.sort(key=lambda r: (r.created_at, r.job_id), reverse=True)
         return records[:limit]
 
+    @_retried
     def set_status(
         self,
         job_id: str,
@@ -249,10 +291,12 @@ class JobStore:
             values["flow_run_id"] = flow_run_id
         self._update_job(job_id, values, f"cannot set the status of job {job_id!r}")
 
+    @_retried
     def heartbeat(self, job_id: str) -> None:
         """Record that the job's runner is alive."""
         self._update_job(job_id, {"heartbeat_at": now()}, f"cannot record a heartbeat of job {job_id!r}")
 
+    @_retried
     def delete_job(self, job_id: str) -> None:
         """Delete the job and everything stored for it; raise :class:`JobNotFoundError` if absent."""
         with database_errors(f"cannot delete job {job_id!r}"), self._primary(job_id).begin() as conn:
@@ -263,6 +307,7 @@ class JobStore:
 
     # -- cycles ---------------------------------------------------------------------------------
 
+    @_retried
     def commit_cycle(
         self,
         job_id: str,
@@ -325,6 +370,7 @@ class JobStore:
             conn.execute(insert(EVALUATION_BATCHES), batch)
             self._upsert_checkpoint(conn, job_id, cycle, state_json, finished)
 
+    @_retried
     def last_checkpoint(self, job_id: str) -> Checkpoint | None:
         """The job's latest checkpoint, read from the primary; ``None`` before its first cycle."""
         stmt = select(CHECKPOINTS).where(CHECKPOINTS.c.job_id == job_id)
@@ -337,6 +383,7 @@ class JobStore:
             return None
         return Checkpoint(job_id, row.cycle, orjson.loads(row.state), utc(row.created_at))
 
+    @_retried
     def replace_checkpoint_state(self, job_id: str, cycle: int, state: dict[str, Any]) -> bool:
         """Overwrite the state of the job's checkpoint of ``cycle`` (re-signing it); False if the
         job has no checkpoint of that cycle any more (it moved on)."""
@@ -352,6 +399,7 @@ class JobStore:
         ):
             return bool(conn.execute(stmt).rowcount)
 
+    @_retried
     def cycles(self, job_id: str, *, fresh: bool = False) -> list[StoredCycle]:
         """The job's committed cycles in order ([] for an unknown job), from the replica unless ``fresh``."""
         stmt = select(CYCLES).where(CYCLES.c.job_id == job_id).order_by(CYCLES.c.cycle)
@@ -362,6 +410,7 @@ class JobStore:
             rows = conn.execute(stmt).all()
         return [stored_cycle(r) for r in rows]
 
+    @_retried
     def last_cycle(self, job_id: str, *, fresh: bool = False) -> StoredCycle | None:
         """The job's last committed cycle (None before its first), from the replica unless ``fresh``."""
         stmt = select(CYCLES).where(CYCLES.c.job_id == job_id).order_by(CYCLES.c.cycle.desc()).limit(1)
@@ -372,6 +421,7 @@ class JobStore:
             row = conn.execute(stmt).one_or_none()
         return None if row is None else stored_cycle(row)
 
+    @_retried
     def evaluations(
         self, job_id: str, cycle: int | None = None, *, fresh: bool = False
     ) -> list[StoredEvaluation]:
@@ -390,6 +440,7 @@ class JobStore:
 
     # -- anomalies ------------------------------------------------------------------------------
 
+    @_retried
     def add_anomalies(self, job_id: str, anomalies: Sequence[AnomalyLike]) -> None:
         """Record anomalies found in the job's cycles; one already stored (same cycle and kind, as
         when a resumed job replays a cycle it had not committed) is left as it is."""
@@ -417,6 +468,7 @@ class JobStore:
             else:
                 conn.execute(sqlite.insert(ANOMALIES).on_conflict_do_nothing(index_elements=keys), rows)
 
+    @_retried
     def anomalies(self, job_id: str, *, fresh: bool = False) -> list[StoredAnomaly]:
         """The job's anomalies by cycle ([] for an unknown job), from the replica unless ``fresh``."""
         t = ANOMALIES
