@@ -45,6 +45,11 @@ def socket_path(server_root: Path) -> Path:
     return server_root / "launcher.sock"
 
 
+def enabled(environ: Mapping[str, str]) -> bool:
+    """False when ``IRE_LAUNCHER`` turns the launcher off (off, 0, false, no)."""
+    return environ.get("IRE_LAUNCHER", "on").lower() not in ("off", "0", "false", "no")
+
+
 def server_root_of(environ: Mapping[str, str]) -> Path:
     """``IRE_HOME/server`` as the settings resolve it, without importing them (that costs ~0.5 s)."""
     home = environ.get("IRE_HOME") or str(Path.home() / ".irefine")
@@ -91,7 +96,7 @@ def _recv(conn: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None,
 def delegate(argv: Sequence[str], server_root: Path) -> int | None:
     """Run ``argv`` in the launcher and return its exit code; None when there is no launcher or it
     declines (the caller then runs the command itself)."""
-    if os.environ.get("IRE_LAUNCHER", "on").lower() in ("off", "0", "false", "no"):
+    if not enabled(os.environ):
         return None
     from irefine.server import _profile_api_url
 

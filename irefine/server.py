@@ -238,18 +238,21 @@ def start_server(
 
 def launcher_pid(paths: ServerPaths) -> int | None:
     """The pid of the server's launcher (irefine/launcher.py) if one is running."""
+    from deployments.cluster.procs import alive
+
     try:
         pid = int((paths.root / "launcher.pid").read_text())
-        os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    return pid
+    return pid if alive(pid) else None
 
 
 def start_launcher(paths: ServerPaths, record: ServerRecord) -> None:
     """Start the launcher that runs ``irefine run`` warm, from the user's environment (not with
     IRE_LAUNCHER=off)."""
-    if os.environ.get("IRE_LAUNCHER", "on").lower() in ("off", "0", "false", "no"):
+    from irefine.launcher import enabled
+
+    if not enabled(os.environ):
         return
     if launcher_pid(paths) is not None:
         return
