@@ -33,6 +33,7 @@ from engine.cache.base import (
 )
 from engine.core.errors import SpecError
 from engine.core.evaluation import Evaluation
+from engine.sqlite import use_wal
 
 __all__ = ["EmbeddedCache"]
 
@@ -302,7 +303,7 @@ class EmbeddedCache:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            use_wal(conn, self._busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.executescript(_SCHEMA)
         except BaseException:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import (
 )
 
 from engine.core.errors import EngineError, SpecError
+from engine.sqlite import use_wal
 from engine.store.values import StoreError, StoreUnavailableError
 
 __all__ = ["database_errors", "first_line", "make_engine", "redact", "retry_transient"]
@@ -114,7 +115,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     try:
         cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
-        cur.execute("PRAGMA journal_mode=WAL")
+        use_wal(cur, _SQLITE_BUSY_MS / 1000)
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA cache_size=-65536")
