@@ -213,17 +213,13 @@ def _run_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from irefine.server import api_of_this_run
-
     spec = build_spec(args)
     settings = _run_settings(args)
     from engine.runner import build_job, new_job_id
     from engine.store import JobStore
 
-    # Every check before anything is written (the store, a temporary API's files): a refused run
-    # creates no file and no table.
+    # Every check before anything is written: a refused run creates no file and no table.
     job = build_job(args.job_id or new_job_id(), spec)
-    api_of_this_run()  # a temporary API starts while the job is written and the cluster starts
     store = JobStore.from_settings(settings)
     try:
         store.create_job(job.job_id, spec)
@@ -658,6 +654,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if delegated is not None:
             sys.exit(delegated)
     USER_ENVIRONMENT.update(os.environ)
+    if argv and argv[0] in ("run", "resume") and not {"-h", "--help"} & set(argv):
+        # A temporary Prefect API takes seconds to start: launch it first, while this process
+        # checks the input, imports the engine and starts its cluster. It writes nothing under
+        # IRE_HOME, and a refused run stops it at exit.
+        from irefine.server import api_of_this_run
+
+        api_of_this_run()
     from engine.core import EngineError, SpecError
 
     _quiet_prefect()

@@ -151,15 +151,30 @@ def test_without_a_server_a_run_uses_a_temporary_api_and_says_how_to_keep_runs(
     assert run.stderr.count(KEEP_RUNS_HINT) == 1 and "irefine server start" in KEEP_RUNS_HINT
     assert "Prefect UI:" not in run.stdout and "irefine status temporary" in run.stdout
     assert "Traceback" not in run.stdout + run.stderr and "completed" in run.stdout
+    assert not _temporary_apis(env, before)  # the temporary API stopped with the run
+
+
+def _temporary_apis(env: dict[str, str], before: set[int]) -> list[list[str]]:
+    """The temporary API processes started since ``before`` by runs of ``env``'s IRE_HOME."""
     uvicorn = [sys.executable, "-m", "uvicorn"]
-    leftovers = [
+    return [
         p.info["cmdline"]
         for p in psutil.process_iter(["cmdline", "environ"])
         if p.pid not in before
         and (p.info["cmdline"] or [])[:3] == uvicorn
         and (p.info["environ"] or {}).get("IRE_HOME") == env["IRE_HOME"]  # this run's, not another's
     ]
-    assert not leftovers  # the temporary API stopped with the run
+
+
+def test_a_refused_run_stops_its_temporary_api_and_writes_nothing(server_env: dict[str, str]) -> None:
+    """The temporary API starts before the input is checked (it takes seconds): a run refused for
+    its input still exits 2 with one line, leaves no process behind and nothing under IRE_HOME."""
+    before = {p.pid for p in psutil.process_iter()}
+    out = irefine("run", "--problem", "sphere", "--batch-size", "0", env=server_env, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "batch_size" in out.stderr
+    assert not _temporary_apis(server_env, before)
+    assert not Path(server_env["IRE_HOME"]).exists() or not any(Path(server_env["IRE_HOME"]).iterdir())
 
 
 def test_the_api_choice_follows_the_environment_the_profile_then_the_local_server(
