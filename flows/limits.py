@@ -7,11 +7,15 @@ names, so the installer depends on the flow and never the reverse.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from uuid import UUID
 
 from engine.core import SpecError
 from engine.pipeline import EvaluationSlots
@@ -29,7 +33,68 @@ or fails over, or while Redis (the lease storage) is down, must not fail the run
 
 _log = logging.getLogger(__name__)
 released_slot_failures = 0
-"""Slot releases that failed (counted; the slot's lease then lapses on the server by itself)."""
+"""Slot releases that failed at first (counted; each is retried by :class:`_LateReleases`)."""
+
+
+class _LateReleases:
+    """Releases the leases whose release failed (the API or Redis, the lease storage, was down),
+    on a daemon thread, retrying until the server takes them or the lease would have lapsed anyway.
+
+    Without it a slot released during an outage stays taken until its lease lapses, and every job
+    waiting for a slot of that limit waits that long after the outage ends.
+    """
+
+    def __init__(self) -> None:
+        self._pending: queue.Queue[tuple[UUID, float, contextvars.Context]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.released = 0  # leases this process released late
+
+    def add(self, lease_ids: list[UUID]) -> None:
+        if not lease_ids:
+            return
+        deadline = time.monotonic() + JOB_SLOT_LEASE_SECONDS
+        context = contextvars.copy_context()  # the caller's Prefect settings (its API) and client
+        for lease_id in lease_ids:
+            self._pending.put((lease_id, deadline, context))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="irefine-late-releases", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        from prefect.exceptions import ObjectNotFound
+
+        delay = 0.5
+        while True:
+            lease_id, deadline, context = self._pending.get()
+            try:
+                context.copy().run(_release, lease_id)
+            except ObjectNotFound:
+                pass  # the server revoked it already (it lapsed)
+            except Exception as exc:
+                if _is_transient(exc) and time.monotonic() + delay < deadline:
+                    self._pending.put((lease_id, deadline, context))
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                _log.warning(
+                    "releasing concurrency lease %s failed (%s); it lapses on the server", lease_id, exc
+                )
+            else:
+                self.released += 1
+                _log.info("released concurrency lease %s after an outage", lease_id)
+            delay = 0.5
+
+
+def _release(lease_id: UUID) -> None:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease_id=lease_id)
+
+
+late_releases = _LateReleases()
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -55,41 +120,49 @@ def _held_slots(name: str, occupy: int = 1) -> Iterator[None]:
     longer renewed, lapses on the server within :data:`JOB_SLOT_LEASE_SECONDS`."""
     global released_slot_failures
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.context import ConcurrencyContext
     from prefect.concurrency.sync import concurrency
 
-    deadline = time.monotonic() + SLOT_RETRY_SECONDS
-    delay = 0.5
-    while True:
-        holder = concurrency(
-            name,
-            occupy=occupy,
-            strict=True,
-            lease_duration=JOB_SLOT_LEASE_SECONDS,
-            # A failed renewal (an API hiccup) must not kill a running job.
-            raise_on_lease_renewal_failure=False,
-        )
+    # Prefect records each lease granted inside this context and forgets it once released: what
+    # is left after a failed release is the lease to release later.
+    leases = ConcurrencyContext()
+    with leases:
+        deadline = time.monotonic() + SLOT_RETRY_SECONDS
+        delay = 0.5
+        while True:
+            holder = concurrency(
+                name,
+                occupy=occupy,
+                strict=True,
+                lease_duration=JOB_SLOT_LEASE_SECONDS,
+                # A failed renewal (an API hiccup) must not kill a running job.
+                raise_on_lease_renewal_failure=False,
+            )
+            try:
+                holder.__enter__()
+                break
+            except ConcurrencySlotAcquisitionError as exc:
+                if not _is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                _log.warning("taking a slot of %s: %s; retrying in %.1f s", name, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         try:
-            holder.__enter__()
-            break
-        except ConcurrencySlotAcquisitionError as exc:
-            if not _is_transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            _log.warning("taking a slot of %s: %s; retrying in %.1f s", name, exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    try:
-        yield
-    except BaseException as exc:
-        holder.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    else:
-        try:
-            holder.__exit__(None, None, None)
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
-            released_slot_failures += 1
-            _log.warning("releasing the slot of %s failed (%s); its lease lapses on the server", name, exc)
+            yield
+        except BaseException as exc:
+            holder.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            try:
+                holder.__exit__(None, None, None)
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                released_slot_failures += 1
+                _log.warning("releasing the slot of %s failed (%s); retrying in the background", name, exc)
+        finally:
+            late_releases.add(list(leases.cleanup_lease_ids))
+            leases.cleanup_lease_ids.clear()
 
 
 @contextlib.contextmanager

@@ -1,14 +1,25 @@
 """Which errors taking or giving back a concurrency slot are retried (flows/limits.py): server
 errors and broken connections are (a database restart or a Redis outage behind the API); a limit
 that does not exist, or a refusal, is not. The retry itself is exercised by the cluster drills
-(tests/test_cluster.py) against a real restart."""
+(tests/test_cluster.py) against a real restart; a release that failed while the API was
+unreachable is done in the background as soon as it is back (here, behind a TCP gate)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from urllib.parse import urlsplit
+
 import httpx
+import pytest
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 
+from flows import limits
 from flows.limits import _is_transient
+from tests.services import free_port
 
 
 def _wrapped(status: int) -> ConcurrencySlotAcquisitionError:
@@ -35,3 +46,86 @@ def test_refusals_and_missing_limits_are_not() -> None:
     assert not _is_transient(_wrapped(423)) and not _is_transient(_wrapped(404))
     missing = "Concurrency limits ['irefine-evaluations'] must be created before acquiring slots"
     assert not _is_transient(ConcurrencySlotAcquisitionError(missing))
+
+
+# -- a release that fails while the API is unreachable is done as soon as it is back -------------
+
+
+class _Gate:
+    """A TCP forwarder in front of the test API that can be shut (connections refused, open ones
+    cut) and opened again on the same port: the API unreachable for a while, as in an outage."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream = upstream_port
+        self.port = free_port()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.open()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def shut(self) -> None:
+        assert self._listener is not None
+        self._listener.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.integration
+def test_a_release_that_failed_in_an_outage_is_done_when_the_api_is_back(prefect_api: str) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    name = f"late-release-{uuid.uuid4().hex[:8]}"
+    upstream = urlsplit(prefect_api).port
+    assert upstream is not None
+    gate = _Gate(upstream)
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
+
+        def active() -> int:
+            return client.read_global_concurrency_limit_by_name(name).active_slots
+
+        failures = limits.released_slot_failures
+        with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{gate.port}/api"}):
+            held = limits._held_slots(name)
+            held.__enter__()
+            assert active() == 1
+            gate.shut()  # the API is unreachable when the job gives the slot back
+            held.__exit__(None, None, None)
+        assert limits.released_slot_failures == failures + 1 and active() == 1
+        gate.open()
+        deadline = time.monotonic() + 20  # well before the 60-s lease would lapse on the server
+        while active() != 0:
+            assert time.monotonic() < deadline, "the slot was not given back after the outage"
+            time.sleep(0.2)
+        client.delete_global_concurrency_limit_by_name(name)
