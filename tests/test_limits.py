@@ -7,19 +7,24 @@ unreachable is done in the background as soon as it is back (here, behind a TCP 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 
-from flows import limits
 from flows.limits import _is_transient
 from tests.services import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _wrapped(status: int) -> ConcurrencySlotAcquisitionError:
@@ -99,33 +104,56 @@ class _Gate:
             dst.shutdown(socket.SHUT_WR)
 
 
+_JOB_SIDE = """
+import sys
+from flows import limits
+held = limits._held_slots(sys.argv[1])
+held.__enter__()
+print("held", flush=True)
+sys.stdin.readline()  # the gate is shut now
+held.__exit__(None, None, None)
+print("released", limits.released_slot_failures, flush=True)
+sys.stdin.readline()  # the late release runs on a daemon thread until then
+"""
+
+
 @pytest.mark.integration
 def test_a_release_that_failed_in_an_outage_is_done_when_the_api_is_back(prefect_api: str) -> None:
+    """A job process (a fresh interpreter, its API behind the gate) holds a slot, the gate shuts,
+    the job gives the slot back (that fails), the gate opens: the slot is free again within
+    seconds, long before its 60-s lease would lapse on the server."""
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     name = f"late-release-{uuid.uuid4().hex[:8]}"
     upstream = urlsplit(prefect_api).port
     assert upstream is not None
     gate = _Gate(upstream)
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{gate.port}/api", "PYTHONPATH": str(ROOT)}
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
 
         def active() -> int:
             return client.read_global_concurrency_limit_by_name(name).active_slots
 
-        failures = limits.released_slot_failures
-        with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{gate.port}/api"}):
-            held = limits._held_slots(name)
-            held.__enter__()
-            assert active() == 1
+        job = subprocess.Popen(
+            [sys.executable, "-c", _JOB_SIDE, name],
+            env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert job.stdin is not None and job.stdout is not None
+        try:
+            assert job.stdout.readline().strip() == "held" and active() == 1
             gate.shut()  # the API is unreachable when the job gives the slot back
-            held.__exit__(None, None, None)
-        assert limits.released_slot_failures == failures + 1 and active() == 1
-        gate.open()
-        deadline = time.monotonic() + 20  # well before the 60-s lease would lapse on the server
-        while active() != 0:
-            assert time.monotonic() < deadline, "the slot was not given back after the outage"
-            time.sleep(0.2)
-        client.delete_global_concurrency_limit_by_name(name)
+            job.stdin.write("go\n")
+            job.stdin.flush()
+            assert job.stdout.readline().split() == ["released", "1"]  # the release failed once
+            assert active() == 1
+            gate.open()
+            deadline = time.monotonic() + 20
+            while active() != 0:
+                assert time.monotonic() < deadline, "the slot was not given back after the outage"
+                time.sleep(0.2)
+        finally:
+            job.kill()
+            job.wait(30)
+            client.delete_global_concurrency_limit_by_name(name)
