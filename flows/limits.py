@@ -48,7 +48,6 @@ class _LateReleases:
         self._pending: queue.Queue[tuple[UUID, float, contextvars.Context]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.released = 0  # leases this process released late
 
     def add(self, lease_ids: list[UUID]) -> None:
         if not lease_ids:
@@ -65,7 +64,7 @@ class _LateReleases:
     def _run(self) -> None:
         from prefect.exceptions import ObjectNotFound
 
-        delay = 0.5
+        delays = _retry_delays()
         while True:
             lease_id, deadline, context = self._pending.get()
             try:
@@ -73,18 +72,25 @@ class _LateReleases:
             except ObjectNotFound:
                 pass  # the server revoked it already (it lapsed)
             except Exception as exc:
+                delay = next(delays)
                 if _is_transient(exc) and time.monotonic() + delay < deadline:
                     self._pending.put((lease_id, deadline, context))
                     time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
                     continue
                 _log.warning(
                     "releasing concurrency lease %s failed (%s); it lapses on the server", lease_id, exc
                 )
             else:
-                self.released += 1
                 _log.info("released concurrency lease %s after an outage", lease_id)
-            delay = 0.5
+            delays = _retry_delays()
+
+
+def _retry_delays() -> Iterator[float]:
+    """Seconds to wait before each retry of a slot call: 0.5, 1, 2, 4, then 5 s."""
+    delay = 0.5
+    while True:
+        yield delay
+        delay = min(delay * 2, 5.0)
 
 
 def _release(lease_id: UUID) -> None:
@@ -116,8 +122,8 @@ def _is_transient(exc: BaseException) -> bool:
 def _held_slots(name: str, occupy: int = 1) -> Iterator[None]:
     """Hold ``occupy`` slots of the global limit ``name`` (strict, leased, renewal failures
     tolerated). Taking them retries transient server errors for :data:`SLOT_RETRY_SECONDS`; a
-    failed release is logged and counted, not raised: the run's work is done and the lease, no
-    longer renewed, lapses on the server within :data:`JOB_SLOT_LEASE_SECONDS`."""
+    failed release is logged and counted, not raised (the run's work is done), and handed to
+    :data:`late_releases`, which releases it once the server is back."""
     global released_slot_failures
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.context import ConcurrencyContext
@@ -128,7 +134,7 @@ def _held_slots(name: str, occupy: int = 1) -> Iterator[None]:
     leases = ConcurrencyContext()
     with leases:
         deadline = time.monotonic() + SLOT_RETRY_SECONDS
-        delay = 0.5
+        delays = _retry_delays()
         while True:
             holder = concurrency(
                 name,
@@ -142,11 +148,11 @@ def _held_slots(name: str, occupy: int = 1) -> Iterator[None]:
                 holder.__enter__()
                 break
             except ConcurrencySlotAcquisitionError as exc:
+                delay = next(delays)
                 if not _is_transient(exc) or time.monotonic() + delay > deadline:
                     raise
                 _log.warning("taking a slot of %s: %s; retrying in %.1f s", name, exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
         try:
             yield
         except BaseException as exc:
